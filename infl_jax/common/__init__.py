@@ -1,0 +1,1 @@
+"""Pieces both packages share: checkpointing, metrics logging and CLI helpers."""
