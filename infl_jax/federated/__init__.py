@@ -1,0 +1,27 @@
+"""The federated engine: clients stacked on a leading axis, local training scanned, vmapped and jitted.
+
+A federated algorithm is a pair of pure functions, like an optax transformation:
+
+    algo = fedavg(task, client_optimizer=optax.adam(5e-4), batch_size=100)
+    server_state = algo.init(variables, rng)
+    server_state, metrics = jax.jit(algo.round)(server_state, clients, context)
+"""
+
+from infl_jax.federated.aggregate import weighted_mean
+from infl_jax.federated.client_data import ClientData, stack_clients
+from infl_jax.federated.engine import FederatedAlgorithm, ServerState, fedavg, server_optimizer
+from infl_jax.federated.local import LocalConfig, client_update
+from infl_jax.federated.task import Task
+
+__all__ = [
+    "ClientData",
+    "FederatedAlgorithm",
+    "LocalConfig",
+    "ServerState",
+    "Task",
+    "client_update",
+    "fedavg",
+    "server_optimizer",
+    "stack_clients",
+    "weighted_mean",
+]

@@ -1,0 +1,152 @@
+"""A federated round as one pure, jit-compilable function: sample, train locally under vmap, aggregate.
+
+Order inside a round (all on device):
+  1. derive this round's PRNG key from the run's key and the round number;
+  2. sample ``max(1, round(fraction * C))`` clients without replacement;
+  3. each sampled client trains from the global parameters (``client_update``), in
+     chunks of ``client_chunk_size`` clients scanned one after another, each chunk vmapped;
+  4. updates tagged with a key version other than the server's get weight 0;
+  5. the weighted mean of the updates (weights n_k, or 1) is the pseudo-gradient of
+     the server optimizer (FedAvg: SGD with lr 1); model state such as BatchNorm
+     statistics is averaged with the same weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from infl_jax.federated.aggregate import weighted_sum
+from infl_jax.federated.client_data import ClientData
+from infl_jax.federated.local import LocalConfig, client_update
+from infl_jax.federated.task import Task
+
+PyTree = Any
+
+WEIGHTINGS = ("samples", "uniform")
+
+
+class ServerState(NamedTuple):
+  """Everything the server keeps; no key material by construction (the key is a round input)."""
+
+  params: PyTree
+  model_state: PyTree  # non-trainable collections, e.g. {"batch_stats": ...}; {} if none
+  opt_state: PyTree
+  round: jax.Array  # int32, rounds completed
+  rng: jax.Array  # uint32 raw key data (checkpointable); round r uses fold_in(rng, r)
+  key_version: jax.Array  # int32, the only version whose updates are accepted
+
+
+class FederatedAlgorithm(NamedTuple):
+  init: Callable[..., ServerState]
+  round: Callable[[ServerState, ClientData, Any], tuple[ServerState, dict]]
+
+
+def server_optimizer(name: str = "fedavg", learning_rate: float | None = None) -> optax.GradientTransformation:
+  """FedAvg (SGD, lr 1), FedAdam or FedYogi (Reddi et al. 2021, eps 1e-3) applied to the mean update."""
+  name = name.lower()
+  if name == "fedavg":
+    return optax.sgd(1.0 if learning_rate is None else learning_rate)
+  if name == "fedadam":
+    return optax.adam(1e-2 if learning_rate is None else learning_rate, b1=0.9, b2=0.99, eps=1e-3)
+  if name == "fedyogi":
+    return optax.yogi(1e-2 if learning_rate is None else learning_rate, b1=0.9, b2=0.99, eps=1e-3)
+  raise ValueError(f"unknown server optimizer {name!r}; choose one of fedavg, fedadam, fedyogi")
+
+
+def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
+           local_epochs: int = 1, batch_size: int = 64, client_fraction: float = 1.0,
+           weighting: str = "samples", prox_mu: float = 0.0,
+           server_opt: optax.GradientTransformation | None = None,
+           client_chunk_size: int | None = None) -> FederatedAlgorithm:
+  """FedAvg and its relatives (FedProx via ``prox_mu``, FedAdam/FedYogi via ``server_opt``)."""
+  if not 0.0 < client_fraction <= 1.0:
+    raise ValueError(f"client_fraction must be in (0, 1], got {client_fraction}")
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+  if client_chunk_size is not None and client_chunk_size < 1:
+    raise ValueError(f"client_chunk_size must be >= 1, got {client_chunk_size}")
+  local = LocalConfig(local_epochs=local_epochs, batch_size=batch_size, prox_mu=prox_mu)
+  server_opt = server_opt or server_optimizer("fedavg")
+
+  def init(variables: PyTree, rng: jax.Array, *, key_version: int = 1) -> ServerState:
+    variables = dict(variables)
+    params = variables.pop("params")
+    rng_data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+    return ServerState(params=params, model_state=variables, opt_state=server_opt.init(params),
+                       round=jnp.int32(0), rng=jnp.asarray(rng_data, jnp.uint32),
+                       key_version=jnp.int32(key_version))
+
+  def round_fn(state: ServerState, clients: ClientData, context: Any = None):
+    num_clients = clients.num_clients
+    num_sampled = max(1, round(client_fraction * num_clients))
+    round_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.round)
+    sample_rng, train_rng = jax.random.split(round_rng)
+    if num_sampled < num_clients:
+      sampled = jnp.sort(jax.random.choice(sample_rng, num_clients, (num_sampled,), replace=False))
+    else:
+      sampled = jnp.arange(num_clients)
+
+    chunk = min(client_chunk_size or num_sampled, num_sampled)
+    num_chunks = math.ceil(num_sampled / chunk)
+    slots = num_chunks * chunk
+    valid = jnp.arange(slots) < num_sampled
+    sampled = jnp.pad(sampled, (0, slots - num_sampled))
+
+    n_k = clients.num_samples[sampled].astype(jnp.float32)
+    base = n_k if weighting == "samples" else jnp.ones_like(n_k)
+    accepted = valid & (clients.key_version[sampled] == state.key_version)
+    weights = jnp.where(accepted, base, 0.0)
+
+    def train_one(client_index):
+      data = jax.tree_util.tree_map(lambda x: x[client_index], clients.data)
+      client_rng = jax.random.fold_in(train_rng, client_index)
+      return client_update(task, client_optimizer, local, state.params, state.model_state, data,
+                           clients.num_samples[client_index], client_rng, context)
+
+    def train_chunk(sums, chunk_xs):
+      indices, w = chunk_xs
+      params_k, model_state_k, loss_k = jax.vmap(train_one)(indices)
+      delta_k = jax.tree_util.tree_map(lambda p, g: p - g, params_k, state.params)
+      sum_delta, sum_state, sum_loss = sums
+      sums = (jax.tree_util.tree_map(jnp.add, sum_delta, weighted_sum(delta_k, w)),
+              jax.tree_util.tree_map(jnp.add, sum_state, weighted_sum(model_state_k, w)),
+              sum_loss + jnp.dot(w, loss_k))
+      return sums, None
+
+    zeros = lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree)
+    init_sums = (zeros(state.params), zeros(state.model_state), jnp.float32(0.0))
+    xs = (sampled.reshape(num_chunks, chunk), weights.reshape(num_chunks, chunk))
+    (sum_delta, sum_state, sum_loss), _ = jax.lax.scan(train_chunk, init_sums, xs)
+
+    total = jnp.sum(weights)
+    any_accepted = total > 0
+    safe_total = jnp.where(any_accepted, total, 1.0)
+    mean_delta = jax.tree_util.tree_map(lambda s: s / safe_total, sum_delta)
+    pseudo_grad = jax.tree_util.tree_map(jnp.negative, mean_delta)
+    updates, new_opt_state = server_opt.update(pseudo_grad, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    new_model_state = jax.tree_util.tree_map(lambda s: s / safe_total, sum_state)
+
+    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(any_accepted, a, b), new, old)
+    new_state = ServerState(
+        params=keep(new_params, state.params),
+        model_state=keep(new_model_state, state.model_state),
+        opt_state=keep(new_opt_state, state.opt_state),
+        round=state.round + 1,
+        rng=state.rng,
+        key_version=state.key_version,
+    )
+    metrics = {
+        "train_loss": sum_loss / safe_total,
+        "num_sampled": jnp.int32(num_sampled),
+        "num_accepted": jnp.sum(accepted).astype(jnp.int32),
+    }
+    return new_state, metrics
+
+  return FederatedAlgorithm(init=init, round=round_fn)

@@ -1,0 +1,103 @@
+"""One client's local training: epochs of shuffled minibatches as a single lax.scan.
+
+Every client in a vmapped round runs the same number of steps (set by the largest
+client); a step whose minibatch holds no real sample leaves parameters, model state
+and optimizer state untouched, so a padded client trains exactly as it would alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from infl_jax.federated.task import Task
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalConfig:
+  """Static settings of local training (they shape the compiled round)."""
+
+  local_epochs: int = 1
+  batch_size: int = 64
+  prox_mu: float = 0.0  # FedProx: adds mu/2 ||w - w_global||^2 to each client's loss
+
+  def __post_init__(self):
+    if self.local_epochs < 1:
+      raise ValueError(f"local_epochs must be >= 1, got {self.local_epochs}")
+    if self.batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+    if self.prox_mu < 0:
+      raise ValueError(f"prox_mu must be >= 0, got {self.prox_mu}")
+
+
+def epoch_order(rng: jax.Array, num_samples: jax.Array, max_samples: int) -> jax.Array:
+  """A random order of the client's real samples, padding rows last.
+
+  Each row's sort key depends only on (rng, row index), not on ``max_samples``,
+  so the order of real rows is the same however much padding the client carries.
+  """
+  rows = jnp.arange(max_samples)
+  scores = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(rng, i)))(rows)
+  scores = jnp.where(rows < num_samples, scores, jnp.inf)
+  return jnp.argsort(scores, stable=True)
+
+
+def _prox_term(params, anchor, mu: float):
+  sq = sum(jnp.sum(jnp.square(p - a)) for p, a in zip(jax.tree_util.tree_leaves(params),
+                                                        jax.tree_util.tree_leaves(anchor)))
+  return 0.5 * mu * sq
+
+
+def client_update(task: Task, optimizer: optax.GradientTransformation, config: LocalConfig,
+                  params: PyTree, model_state: PyTree, data: PyTree, num_samples: jax.Array,
+                  rng: jax.Array, context: Any):
+  """Trains from the global ``params`` on one client's ``data``; returns (params, model_state, mean loss)."""
+  max_samples = jax.tree_util.tree_leaves(data)[0].shape[0]
+  batch_size = min(config.batch_size, max_samples)
+  steps_per_epoch = math.ceil(max_samples / batch_size)
+  slots = steps_per_epoch * batch_size
+
+  epoch_rngs = jax.random.split(jax.random.fold_in(rng, 0), config.local_epochs)
+  orders = jax.vmap(lambda r: epoch_order(r, num_samples, max_samples))(epoch_rngs)
+  orders = jnp.pad(orders, ((0, 0), (0, slots - max_samples)))
+  batch_rows = orders.reshape(config.local_epochs * steps_per_epoch, batch_size)
+  positions = jnp.arange(slots).reshape(steps_per_epoch, batch_size)
+  batch_masks = jnp.tile((positions < num_samples).astype(jnp.float32), (config.local_epochs, 1))
+  # Keyed by (epoch, step within epoch), so the steps a client really takes get the
+  # same keys whatever the padding adds at each epoch's end.
+  step_base = jax.random.fold_in(rng, 1)
+  step_rngs = jax.vmap(lambda e: jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(step_base, e), s))(
+      jnp.arange(steps_per_epoch)))(jnp.arange(config.local_epochs))
+  step_rngs = step_rngs.reshape((config.local_epochs * steps_per_epoch,) + step_rngs.shape[2:])
+
+  anchor = params
+
+  def objective(p, state, batch, mask, step_rng):
+    loss, new_state = task.loss(p, state, batch, mask, step_rng, context)
+    if config.prox_mu > 0:
+      loss = loss + _prox_term(p, anchor, config.prox_mu)
+    return loss, new_state
+
+  def step(carry, xs):
+    p, state, opt_state = carry
+    rows, mask, step_rng = xs
+    batch = jax.tree_util.tree_map(lambda x: x[rows], data)
+    (loss, new_state), grads = jax.value_and_grad(objective, has_aux=True)(p, state, batch, mask, step_rng)
+    updates, new_opt_state = optimizer.update(grads, opt_state, p)
+    new_p = optax.apply_updates(p, updates)
+    active = jnp.any(mask > 0)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new, old)
+    carry = (keep(new_p, p), keep(new_state, state), keep(new_opt_state, opt_state))
+    return carry, (jnp.where(active, loss, 0.0), active)
+
+  init = (params, model_state, optimizer.init(params))
+  (params, model_state, _), (losses, active) = jax.lax.scan(step, init, (batch_rows, batch_masks, step_rngs))
+  mean_loss = jnp.sum(losses) / jnp.maximum(jnp.sum(active), 1)
+  return params, model_state, mean_loss
