@@ -1,0 +1,136 @@
+"""Real omics data sets that ship inside installable packages (no download at run time).
+
+``proteomics``: the SomaScan plasma example ADAT of somadata 1.2.x. The 170 study samples
+(SampleType "Sample"; calibrators, buffers and QC wells dropped) x 5,207 human protein
+aptamers (Type "Protein"), in RFU; the default preprocessing takes log2. Label ``Sex``
+(85 F / 85 M). Two plates (``PlateId``) are the natural sites: one client per plate, or
+``n_clients=4`` for each plate split in two (label-stratified, seeded).
+
+``pbmc``: scanpy's bundled ``pbmc68k_reduced``: 700 cells x 765 genes, label
+``bulk_labels`` (10 FACS-sorted populations, 8 to 240 cells each). ``X`` here is the
+log1p-normalised expression (the source's ``.raw.X``); the source's ``.X`` was scaled with
+statistics of all 700 cells, which would leak held-out cells into training, so it is kept
+only as ``layers["scaled_all_cells"]``. Clients by Dirichlet label skew (alpha 0.5, 5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import pathlib
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from infl_jax.data.errors import DataError
+
+if TYPE_CHECKING:
+  import anndata
+
+__all__ = ["BUILTIN_DATASETS", "BuiltinDataset", "available_datasets", "load_builtin_anndata"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltinDataset:
+  """A bundled data set and the defaults ``load_dataset`` uses for it."""
+
+  name: str
+  summary: str
+  label_key: str
+  client_key: str | None
+  partition: str
+  n_clients: int | None
+  alpha: float
+  log_transform: str
+  build: Callable[[], "anndata.AnnData"]
+  requires: str
+
+
+def _package_dir(package: str, pip_name: str) -> pathlib.Path:
+  spec = importlib.util.find_spec(package)
+  if spec is None or not spec.submodule_search_locations:
+    raise DataError(f"built-in data set needs the {pip_name!r} package; install it: pip install {pip_name}")
+  return pathlib.Path(spec.submodule_search_locations[0])
+
+
+@functools.lru_cache(maxsize=None)
+def _build_proteomics() -> "anndata.AnnData":
+  import anndata
+  import pandas as pd
+
+  adat_path = _package_dir("somadata", "somadata") / "data" / "example_data.adat"
+  if not adat_path.exists():
+    raise DataError(f"somadata is installed but its example ADAT is missing ({adat_path}); reinstall somadata==1.2.6")
+  import somadata
+
+  adat = somadata.read_adat(str(adat_path))
+  obs = adat.index.to_frame(index=False)
+  var = adat.columns.to_frame(index=False)
+  rows = (obs["SampleType"] == "Sample").to_numpy()
+  cols = (var["Type"] == "Protein").to_numpy()
+  x = np.asarray(adat.values, dtype=np.float64)[np.ix_(rows, cols)]
+  obs = obs.loc[rows].reset_index(drop=True)
+  var = var.loc[cols].reset_index(drop=True)
+  obs.index = pd.Index([f"{s}_{i}" for i, s in enumerate(obs["SampleId"].astype(str))])
+  var.index = pd.Index(var["SeqId"].astype(str).to_numpy())
+  # h5ad writing wants homogeneous column types.
+  for frame in (obs, var):
+    for c in frame.columns:
+      if frame[c].dtype == object:
+        frame[c] = frame[c].astype(str)
+  for c in ("Sex", "PlateId"):
+    obs[c] = obs[c].astype("category")
+  adata = anndata.AnnData(X=x.astype(np.float32), obs=obs, var=var)
+  adata.uns["source"] = "somadata example_data.adat (SomaScan plasma, RFU); SampleType=='Sample', Type=='Protein'"
+  return adata
+
+
+@functools.lru_cache(maxsize=None)
+def _build_pbmc() -> "anndata.AnnData":
+  import anndata
+
+  _package_dir("scanpy", "scanpy")
+  import scanpy as sc
+
+  src = sc.datasets.pbmc68k_reduced()
+  log_norm = src.raw.X
+  log_norm = np.asarray(log_norm.toarray() if hasattr(log_norm, "toarray") else log_norm, np.float32)
+  if list(src.raw.var_names) != list(src.var_names):
+    raise DataError("scanpy's pbmc68k_reduced changed layout (.raw and .X genes differ); pin scanpy>=1.10,<1.12")
+  adata = anndata.AnnData(X=log_norm, obs=src.obs.copy(), var=src.raw.var.copy())
+  adata.layers["scaled_all_cells"] = np.asarray(src.X, np.float32)
+  adata.uns["source"] = "scanpy.datasets.pbmc68k_reduced(); X = raw.X (log1p of library-size-normalised counts)"
+  return adata
+
+
+BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
+    "proteomics": BuiltinDataset(
+        name="proteomics",
+        summary="SomaScan plasma proteomics (somadata example ADAT): 170 samples x 5207 proteins, label Sex, 2 plates",
+        label_key="Sex", client_key="PlateId", partition="column", n_clients=None, alpha=0.5,
+        log_transform="log2", build=_build_proteomics, requires="somadata"),
+    "pbmc": BuiltinDataset(
+        name="pbmc",
+        summary="scanpy pbmc68k_reduced: 700 cells x 765 genes (log1p-normalised), label bulk_labels (10 types)",
+        label_key="bulk_labels", client_key=None, partition="dirichlet", n_clients=5, alpha=0.5,
+        log_transform="none", build=_build_pbmc, requires="scanpy"),
+}
+
+
+def available_datasets() -> list[str]:
+  return sorted(BUILTIN_DATASETS)
+
+
+def get_builtin(name: str) -> BuiltinDataset:
+  try:
+    return BUILTIN_DATASETS[name]
+  except KeyError:
+    raise DataError(
+        f"unknown dataset {name!r}; built-in data sets: {', '.join(available_datasets())}; or pass a path"
+        " to an .h5ad file, or an AnnData object") from None
+
+
+def load_builtin_anndata(name: str) -> "anndata.AnnData":
+  """The named built-in data set as a fresh AnnData (a copy; edit it freely)."""
+  return get_builtin(name).build().copy()
