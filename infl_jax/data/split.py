@@ -171,7 +171,7 @@ def make_federated_split(
     lost = sorted(set(map(str, groups)) - set(map(str, train_groups)))
     if lost:
       raise DataError(
-          f"client group(s) {preview(lost)} have no training samples after holding out val/test (too few"
+          f"client group(s) {preview([repr(g) for g in lost])} have no training samples after holding out val/test (too few"
           " samples); merge or drop those groups, or lower val_fraction/test_fraction")
     client, client_names = partition_lib.partition_by_column(train_groups, n_clients, partition_rng, y=y[train])
   else:
