@@ -1,0 +1,68 @@
+"""Activation-dependent FiLM (DESIGN.md section 2), applied after keyed layers but the last.
+
+    a       = LayerNorm( SiLU( A . h ) )                 a in R^act_dim (16)
+    [g ; b] = F2 . SiLU( F1 . [a ; k ; a*k] )            F1: 3*16 -> 8, F2: 8 -> 2*features
+    h'      = h * (1 + lambda*tanh g) + lambda*tanh b
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from infl_jax.keyed._params import (
+    LayerNormParams,
+    LinearParams,
+    Params,
+    layer_norm,
+    linear,
+    small_normal_init,
+)
+from infl_jax.keyed.encoder import KEY_DIM
+
+FILM_HIDDEN = 8
+
+
+def film_apply(params: Params, h: jax.Array, k: jax.Array, key_strength: float) -> jax.Array:
+  """Key- and activation-dependent feature-wise modulation of ``h`` ``[..., features]``.
+
+  ``params``: ``{"A", "norm", "F1", "F2"}`` (``FiLM``'s layout); ``k``: key vector
+  ``[key_dim]`` (the activation summary ``a`` has the same size, so ``a * k`` is defined).
+  """
+  a = layer_norm(params["norm"], jax.nn.silu(linear(params["A"], h)))
+  k = jnp.broadcast_to(k, a.shape)
+  gamma, beta = jnp.split(
+      linear(params["F2"], jax.nn.silu(linear(params["F1"], jnp.concatenate([a, k, a * k], -1)))),
+      2,
+      axis=-1,
+  )
+  return h * (1.0 + key_strength * jnp.tanh(gamma)) + key_strength * jnp.tanh(beta)
+
+
+class FiLM(nn.Module):
+  """Linen wrapper of ``film_apply``; ``__call__(h, k=None)``; ``k=None`` returns ``h``.
+
+  Initialising with ``k=None`` still creates the parameters.
+  """
+
+  key_strength: float = 1.0
+  key_dim: int = KEY_DIM
+  hidden: int = FILM_HIDDEN
+
+  @nn.compact
+  def __call__(self, h: jax.Array, k: jax.Array | None = None) -> jax.Array:
+    features = h.shape[-1]
+    params = {
+        "A": LinearParams(features, self.key_dim, name="A")(),
+        "norm": LayerNormParams(self.key_dim, name="norm")(),
+        "F1": LinearParams(3 * self.key_dim, self.hidden, name="F1")(),
+        "F2": LinearParams(
+            self.hidden, 2 * features, small_normal_init, nn.initializers.zeros, name="F2"
+        )(),
+    }
+    if k is None:
+      if self.is_initializing():
+        film_apply(params, h, jnp.zeros((self.key_dim,), h.dtype), self.key_strength)
+      return h
+    return film_apply(params, h, k, self.key_strength)

@@ -1,0 +1,160 @@
+"""INFL task models, written as plain Flax models and keyed with ``keyed(...)``.
+
+Every model here runs as::
+
+    model.apply(variables, x, key_coords=coords_or_None, train=bool,
+                rngs={"dropout": rng}, mutable=["batch_stats"])      # the last two when training
+
+``key_coords=None`` runs the un-keyed path (plain W, b, no FiLM). The plain classes
+(``PlainProteomicsNet``, ``PlainMLPClassifier``) are ordinary Flax models; their variables copy
+into the keyed ones with ``infl_jax.keyed.copy_plain_params``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+
+from infl_jax.keyed.transform import KeyedModel, keyed
+
+# Reference settings for the proteomics cohort task (DESIGN.md section 3).
+PROTEOMICS_KEY_STRENGTH = 20.0
+PROTEOMICS_DROPOUT = 0.2
+BATCH_NORM_MOMENTUM = 0.9  # PyTorch's momentum 0.1 in Flax's convention
+BATCH_NORM_EPSILON = 1e-5
+
+
+def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
+  return nn.BatchNorm(
+      use_running_average=not train,
+      momentum=BATCH_NORM_MOMENTUM,
+      epsilon=BATCH_NORM_EPSILON,
+      name=name,
+  )
+
+
+def _check_input(x: jax.Array, model_name: str) -> None:
+  if x.ndim < 2:
+    raise ValueError(
+        f"{model_name} takes a batch of samples [batch, features], got shape {x.shape}; "
+        "add a leading batch axis (x[None]) for a single sample."
+    )
+
+
+class ResidualBlock(nn.Module):
+  """Dense-(FiLM)-BN-ReLU-Dropout-Dense-(FiLM), added to the input, then BN and ReLU.
+
+  FiLM appears once the model is keyed (it follows every keyed Dense). The reference names
+  "BN after the add"; the ReLU after it (post-activation residual block) is our choice.
+  """
+
+  features: int
+  dropout_rate: float = PROTEOMICS_DROPOUT
+
+  @nn.compact
+  def __call__(self, h: jax.Array, train: bool = False) -> jax.Array:
+    y = nn.Dense(self.features, name="dense_0")(h)
+    y = nn.relu(_batch_norm(train, "bn_0")(y))
+    y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+    y = nn.Dense(self.features, name="dense_1")(y)
+    return nn.relu(_batch_norm(train, "bn_out")(h + y))
+
+
+class PlainProteomicsNet(nn.Module):
+  """The reference proteomics cohort classifier, un-keyed (DESIGN.md section 3).
+
+  Dense(in->64), ``num_blocks`` residual blocks, Dense(64->32)-ReLU-Dropout, Dense(32->classes).
+  """
+
+  num_classes: int
+  hidden: int = 64
+  bottleneck: int = 32
+  num_blocks: int = 2
+  dropout_rate: float = PROTEOMICS_DROPOUT
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    _check_input(x, type(self).__name__)
+    h = nn.Dense(self.hidden, name="embed")(x)
+    for i in range(self.num_blocks):
+      h = ResidualBlock(self.hidden, self.dropout_rate, name=f"block_{i}")(h, train)
+    h = nn.relu(nn.Dense(self.bottleneck, name="bottleneck")(h))
+    h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
+    return nn.Dense(self.num_classes, name="head")(h)
+
+
+class PlainMLPClassifier(nn.Module):
+  """An MLP classifier: [Dense-(BN)-ReLU-(Dropout)] per hidden size, then Dense(->classes)."""
+
+  hidden_sizes: Sequence[int]
+  num_classes: int
+  use_batch_norm: bool = False
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    _check_input(x, type(self).__name__)
+    h = x
+    for i, size in enumerate(self.hidden_sizes):
+      h = nn.Dense(size, name=f"dense_{i}")(h)
+      if self.use_batch_norm:
+        h = _batch_norm(train, f"bn_{i}")(h)
+      h = nn.relu(h)
+      if self.dropout_rate > 0:
+        h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
+    return nn.Dense(self.num_classes, name="head")(h)
+
+
+def _check_sizes(num_classes: int, **sizes: int) -> None:
+  for name, value in {"num_classes": num_classes, **sizes}.items():
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_rate(dropout_rate: float) -> None:
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+
+
+def make_proteomics_net(
+    num_classes: int,
+    *,
+    key_strength: float = PROTEOMICS_KEY_STRENGTH,
+    hidden: int = 64,
+    bottleneck: int = 32,
+    num_blocks: int = 2,
+    dropout_rate: float = PROTEOMICS_DROPOUT,
+    film: bool = True,
+    variant: str = "modulation",
+) -> KeyedModel:
+  """The keyed reference proteomics network: every Dense keyed, FiLM after all but ``head``."""
+  _check_sizes(num_classes, hidden=hidden, bottleneck=bottleneck)
+  if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
+    raise ValueError(f"num_blocks must be an integer >= 0, got {num_blocks!r}")
+  _check_rate(dropout_rate)
+  plain = PlainProteomicsNet(num_classes, hidden, bottleneck, num_blocks, dropout_rate)
+  return keyed(
+      plain, key_strength=key_strength, film=film, variant=variant, film_skip=("head",)
+  )
+
+
+def make_mlp_classifier(
+    hidden_sizes: Sequence[int],
+    num_classes: int,
+    *,
+    key_strength: float = 1.0,
+    use_batch_norm: bool = False,
+    dropout_rate: float = 0.0,
+    film: bool = True,
+    variant: str = "modulation",
+) -> KeyedModel:
+  """A keyed MLP classifier with configurable hidden sizes; FiLM after all but ``head``."""
+  hidden_sizes = tuple(hidden_sizes)
+  _check_sizes(num_classes, **{f"hidden_sizes[{i}]": s for i, s in enumerate(hidden_sizes)})
+  _check_rate(dropout_rate)
+  plain = PlainMLPClassifier(hidden_sizes, num_classes, use_batch_norm, dropout_rate)
+  return keyed(
+      plain, key_strength=key_strength, film=film, variant=variant, film_skip=("head",)
+  )
