@@ -1,0 +1,106 @@
+"""Backbones, attention modules, LSA and the LSANet assembly (shapes, counts, invariants)."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lsanet_jax.attention import ATTENTION_KINDS, eca_kernel_size
+from lsanet_jax.backbones import BACKBONES, Classifier, count_params
+from lsanet_jax.lsa import LayerSelectiveAttention
+from lsanet_jax.models import LSANet, head_names
+
+
+def abstract_params(model, image_size, channels=3):
+  x = jnp.zeros((1, image_size, image_size, channels))
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+
+
+@pytest.mark.parametrize("name, expected", [("resnet18", 11_689_512), ("resnet50", 25_557_032),
+                                            ("mobilenet_v2", 3_504_872)])
+def test_param_counts_match_torchvision(name, expected):
+  # torchvision counts conv/linear weights and BN scale+bias; running stats are buffers.
+  variables = abstract_params(Classifier(name, 1000, stem="224"), 224)
+  assert count_params(variables["params"]) == expected
+
+
+def test_resnet_stems_follow_medmnist_forms():
+  for stem, size, first_stage in (("28", 28, 28), ("224", 224, 56)):
+    model = Classifier("resnet18", 9, stem=stem, width=0.25)
+    variables = abstract_params(model, size)
+    _, stages = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, size, size, 3))), variables)
+    assert stages[0].shape == (2, first_stage, first_stage, 16)
+    assert stages[-1].shape[1] == -(-first_stage // 8)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("attention", ATTENTION_KINDS)
+def test_every_backbone_takes_every_attention(backbone, attention):
+  model = LSANet(backbone, 7, width=0.125, attention=attention, aux="dks", lsa=True, lsa_dim=16)
+  variables = abstract_params(model, 28, channels=1)
+  out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((3, 28, 28, 1))), variables)
+  assert set(out["logits"]) == {"aux1", "aux2", "main", "fused"}
+  for logits in out["logits"].values():
+    assert logits.shape == (3, 7) and logits.dtype == jnp.float32
+  names = " ".join(jax.tree_util.keystr(p)
+                   for p, _ in jax.tree_util.tree_leaves_with_path(variables["params"]))
+  if attention != "none":
+    assert "attention" in names
+  else:
+    assert "attention" not in names
+
+
+def test_attention_adds_the_papers_parameters():
+  base = count_params(abstract_params(Classifier("resnet18", 10, width=0.5), 28)["params"])
+  se = count_params(abstract_params(Classifier("resnet18", 10, width=0.5, attention="se"), 28)["params"])
+  eca = count_params(abstract_params(Classifier("resnet18", 10, width=0.5, attention="eca"), 28)["params"])
+  # SE per block with C channels: C*(C/16) + C/16 + (C/16)*C + C; two basic blocks per stage.
+  expected_se = sum(2 * (2 * c * (c // 16) + c // 16 + c) for c in (32, 64, 128, 256))
+  assert se - base == expected_se
+  assert eca - base == sum(2 * eca_kernel_size(c) for c in (32, 64, 128, 256))
+  assert [eca_kernel_size(c) for c in (64, 128, 256, 512)] == [3, 5, 5, 5]
+
+
+def test_lsa_weights_are_a_softmax_over_layers_and_fuse_the_branches():
+  lsa = LayerSelectiveAttention(num_classes=4, dim=8, reduction=2)
+  feats = [jax.random.normal(jax.random.key(i), (5, c)) for i, c in enumerate((6, 10, 12))]
+  variables = lsa.init(jax.random.key(3), feats, train=False)
+  logits, alpha = lsa.apply(variables, feats, train=False)
+  chex.assert_shape(logits, (5, 4))
+  chex.assert_shape(alpha, (5, 3, 8))
+  np.testing.assert_allclose(alpha.sum(axis=1), 1.0, rtol=1e-6)
+  assert np.all(np.asarray(alpha) > 0)
+  with pytest.raises(ValueError, match="at least two"):
+    lsa.init(jax.random.key(0), feats[:1], train=False)
+
+
+def test_plain_lsanet_is_the_backbone_and_light_heads_are_smaller():
+  plain = abstract_params(LSANet("resnet18", 10, width=0.25), 28, 1)
+  reference = abstract_params(Classifier("resnet18", 10, width=0.25), 28, 1)
+  assert count_params(plain["params"]) == count_params(reference["params"])
+  dks = abstract_params(LSANet("resnet18", 10, width=0.25, aux="dks"), 28, 1)
+  light = abstract_params(LSANet("resnet18", 10, width=0.25, aux="light"), 28, 1)
+  # DKS branches copy stages 3-4 (after stage 2) and stage 4 (after stage 3).
+  assert set(dks["params"]) >= {"aux1_stage3", "aux1_stage4", "aux2_stage4", "aux1_head", "aux2_head"}
+  assert count_params(plain["params"]) < count_params(light["params"]) < count_params(dks["params"])
+  assert head_names((2, 3), lsa=True) == ["aux1", "aux2", "main", "fused"]
+
+
+def test_bad_model_settings_are_named():
+  with pytest.raises(ValueError, match="unknown backbone"):
+    abstract_params(LSANet("resnet34", 10), 28)
+  with pytest.raises(ValueError, match="unknown attention"):
+    abstract_params(LSANet("resnet18", 10, attention="nonlocal"), 28)
+  with pytest.raises(ValueError, match="stages 1..3"):
+    abstract_params(LSANet("resnet18", 10, aux="dks", aux_stages=(4,)), 28)
+  with pytest.raises(ValueError, match="enable auxiliary"):
+    abstract_params(LSANet("resnet18", 10, lsa=True), 28)
+
+
+def test_bf16_compute_keeps_float32_params_and_logits():
+  model = LSANet("resnet18", 3, width=0.0625, aux="light", lsa=True, lsa_dim=8, dtype=jnp.bfloat16)
+  x = jnp.ones((2, 28, 28, 1))
+  variables = jax.jit(lambda k, x: model.init(k, x, train=False))(jax.random.key(0), x)
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables["params"]))
+  out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+  assert all(v.dtype == jnp.float32 and np.all(np.isfinite(v)) for v in out["logits"].values())
