@@ -35,6 +35,11 @@ def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
   )
 
 
+def _row_mask(mask: jax.Array | None) -> jax.Array | None:
+  """[B] sample mask -> [B, 1], so BatchNorm statistics skip padding rows of a minibatch."""
+  return None if mask is None else mask.reshape(-1, 1).astype(bool)
+
+
 def _check_input(x: jax.Array, model_name: str) -> None:
   if x.ndim < 2:
     raise ValueError(
@@ -54,12 +59,12 @@ class ResidualBlock(nn.Module):
   dropout_rate: float = PROTEOMICS_DROPOUT
 
   @nn.compact
-  def __call__(self, h: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, h: jax.Array, train: bool = False, mask: jax.Array | None = None) -> jax.Array:
     y = nn.Dense(self.features, name="dense_0")(h)
-    y = nn.relu(_batch_norm(train, "bn_0")(y))
+    y = nn.relu(_batch_norm(train, "bn_0")(y, mask=_row_mask(mask)))
     y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
     y = nn.Dense(self.features, name="dense_1")(y)
-    return nn.relu(_batch_norm(train, "bn_out")(h + y))
+    return nn.relu(_batch_norm(train, "bn_out")(h + y, mask=_row_mask(mask)))
 
 
 class PlainProteomicsNet(nn.Module):
@@ -75,11 +80,12 @@ class PlainProteomicsNet(nn.Module):
   dropout_rate: float = PROTEOMICS_DROPOUT
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None) -> jax.Array:
+    """``mask`` [B]: real samples (True) versus padding, kept out of BatchNorm statistics."""
     _check_input(x, type(self).__name__)
     h = nn.Dense(self.hidden, name="embed")(x)
     for i in range(self.num_blocks):
-      h = ResidualBlock(self.hidden, self.dropout_rate, name=f"block_{i}")(h, train)
+      h = ResidualBlock(self.hidden, self.dropout_rate, name=f"block_{i}")(h, train, mask)
     h = nn.relu(nn.Dense(self.bottleneck, name="bottleneck")(h))
     h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
     return nn.Dense(self.num_classes, name="head")(h)
@@ -94,13 +100,14 @@ class PlainMLPClassifier(nn.Module):
   dropout_rate: float = 0.0
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None) -> jax.Array:
+    """``mask`` [B]: real samples (True) versus padding, kept out of BatchNorm statistics."""
     _check_input(x, type(self).__name__)
     h = x
     for i, size in enumerate(self.hidden_sizes):
       h = nn.Dense(size, name=f"dense_{i}")(h)
       if self.use_batch_norm:
-        h = _batch_norm(train, f"bn_{i}")(h)
+        h = _batch_norm(train, f"bn_{i}")(h, mask=_row_mask(mask))
       h = nn.relu(h)
       if self.dropout_rate > 0:
         h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
