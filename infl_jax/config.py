@@ -1,0 +1,73 @@
+"""Run settings for ``infl-train``: one dataclass, with per-dataset presets for what the CLI leaves unset."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+# Reference settings (DESIGN.md section 3) for the built-in data sets; any field set on the
+# command line wins over its preset.
+PRESETS: dict[str, dict[str, Any]] = {
+    "proteomics": dict(model="proteomics", key_strength=20.0, n_clients=4, rounds=40, local_epochs=5,
+                       batch_size=100, learning_rate=5e-4, weight_decay=1e-4, dropout=0.2),
+    "pbmc": dict(model="mlp", hidden=(256, 128), key_strength=5.0, n_clients=5, partition="dirichlet", alpha=0.5,
+                 rounds=40, local_epochs=2, batch_size=32, learning_rate=1e-3, weight_decay=1e-4, dropout=0.2),
+}
+GENERIC = dict(model="mlp", hidden=(256, 128), key_strength=1.0, n_clients=None, rounds=50, local_epochs=1,
+               batch_size=64, learning_rate=1e-3, weight_decay=1e-4, dropout=0.2)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  dataset: str = "proteomics"
+  label_key: str | None = None
+  client_key: str | None = None
+  n_clients: int | None = None
+  partition: str | None = None
+  alpha: float = 0.5
+  n_top_features: int | None = None
+  model: str = "mlp"  # "proteomics" (the reference residual network) or "mlp"
+  hidden: tuple[int, ...] = (256, 128)
+  key_strength: float = 1.0
+  variant: str = "modulation"
+  rounds: int = 50
+  local_epochs: int = 1
+  batch_size: int = 64
+  client_fraction: float = 1.0
+  learning_rate: float = 1e-3
+  weight_decay: float = 1e-4
+  dropout: float = 0.2
+  weighting: str = "samples"
+  server_optimizer: str = "fedavg"
+  server_learning_rate: float | None = None
+  prox_mu: float = 0.0
+  key_seed: int = 0
+  key_mode: str = "uniform"
+  key_version: int = 1
+  seed: int = 0
+  eval_every: int = 1
+  checkpoint_every: int = 5
+  keep_checkpoints: int = 3
+  central_baseline: bool = True
+
+  @classmethod
+  def for_dataset(cls, dataset: str, **overrides) -> "TrainConfig":
+    """The preset of a built-in data set (or generic defaults), then ``overrides`` that are not None."""
+    values = dict(PRESETS.get(dataset, GENERIC))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    values["dataset"] = dataset
+    if "hidden" in values:
+      values["hidden"] = tuple(values["hidden"])
+    return cls(**values)
+
+  def resume_fingerprint(self) -> dict[str, Any]:
+    """Settings a resumed run must share with the run that wrote the checkpoint.
+
+    ``rounds`` is left out so a finished run can be extended; nothing about the key
+    but its version is included, since the server never holds key material.
+    """
+    d = dataclasses.asdict(self)
+    for k in ("rounds", "key_seed", "key_mode", "eval_every", "checkpoint_every", "keep_checkpoints",
+              "central_baseline"):
+      d.pop(k)
+    return d

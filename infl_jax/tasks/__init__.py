@@ -1,0 +1,1 @@
+"""Tasks: a model plus its objective and metrics, in the form the federated engine trains."""

@@ -1,0 +1,209 @@
+"""INFL classification: federated training with checkpoints, then the key study and a central baseline.
+
+Resume order: the checkpoint holds the server state (parameters, BatchNorm statistics,
+server optimizer state, round, run PRNG key, key version) and the metrics so far; the
+data split and the client stacking are rebuilt deterministically from the config's seed,
+and each round's randomness is ``fold_in(run key, round)``, so a resumed run repeats
+exactly the rounds an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from infl_jax import keys as keylib
+from infl_jax import models
+from infl_jax.common.checkpoint import Checkpointer
+from infl_jax.common.cli import CHECKPOINT_SUBDIR, UserInputError, progress
+from infl_jax.common.metrics_log import MetricsWriter, write_json_atomic
+from infl_jax.config import TrainConfig
+from infl_jax.federated import ClientData, FederatedAlgorithm, ServerState, fedavg, server_optimizer, stack_clients
+from infl_jax.tasks.classification import classification_metrics, classification_task, predict_logits
+
+log = logging.getLogger(__name__)
+
+
+def load_data(config: TrainConfig):
+  from infl_jax.data import load_dataset
+
+  return load_dataset(config.dataset, label_key=config.label_key, client_key=config.client_key,
+                      n_clients=config.n_clients, partition=config.partition, alpha=config.alpha,
+                      seed=config.seed, n_top_features=config.n_top_features)
+
+
+def create_model(config: TrainConfig, num_classes: int):
+  if config.model == "proteomics":
+    return models.make_proteomics_net(num_classes, key_strength=config.key_strength, dropout_rate=config.dropout,
+                                      variant=config.variant)
+  if config.model == "mlp":
+    return models.make_mlp_classifier(config.hidden, num_classes, key_strength=config.key_strength,
+                                      use_batch_norm=True, dropout_rate=config.dropout, variant=config.variant)
+  raise UserInputError(f"unknown model {config.model!r}; choose 'proteomics' or 'mlp'")
+
+
+def create_client_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+  # PyTorch-style Adam weight decay (L2 added to the gradient), as the reference trains.
+  return optax.chain(optax.add_decayed_weights(config.weight_decay), optax.adam(config.learning_rate))
+
+
+def create_algorithm(config: TrainConfig, model, *, local_epochs=None, client_fraction=None) -> FederatedAlgorithm:
+  return fedavg(
+      classification_task(model),
+      create_client_optimizer(config),
+      local_epochs=local_epochs or config.local_epochs,
+      batch_size=config.batch_size,
+      client_fraction=client_fraction or config.client_fraction,
+      weighting=config.weighting,
+      prox_mu=config.prox_mu,
+      server_opt=server_optimizer(config.server_optimizer, config.server_learning_rate),
+  )
+
+
+def init_variables(model, num_features: int, rng: jax.Array):
+  dummy = jnp.zeros((2, num_features), jnp.float32)
+  return model.init({"params": rng, "dropout": rng}, dummy, key_coords=None, train=False)
+
+
+def client_data(split, key_version: int) -> ClientData:
+  per_client = [{"x": x.astype(np.float32), "y": y.astype(np.int32)} for x, y in split.client_arrays()]
+  return stack_clients(per_client, key_version=key_version)
+
+
+def global_variables(state: ServerState) -> dict:
+  return {"params": state.params, **state.model_state}
+
+
+def evaluation_keys(key: keylib.SecretKey) -> dict[str, Any]:
+  """The four ways to run a trained model: right key, two kinds of wrong key, no INR path."""
+  return {
+      "right_key": key.coords,
+      "wrong_key_same_mode": keylib.wrong_key_like(key).coords,
+      "wrong_key_other_mode": keylib.other_mode_key(key).coords,
+      "no_inr": None,
+  }
+
+
+def evaluate(model, variables, x, y, num_classes: int, key_coords) -> dict[str, float]:
+  return classification_metrics(y, predict_logits(model, variables, x, key_coords), num_classes)
+
+
+def _state_to_checkpoint(state: ServerState) -> dict:
+  return state._asdict()
+
+
+def train_central(config: TrainConfig, model, split, coords, rng: jax.Array) -> dict:
+  """The utility reference: the same architecture and optimizer on the pooled training data,
+  for as many epochs as a federated client trains in all (rounds x local epochs)."""
+  pooled = stack_clients([{"x": split.train_x.astype(np.float32), "y": split.train_y.astype(np.int32)}],
+                         key_version=config.key_version)
+  algo = create_algorithm(config, model, local_epochs=config.rounds * config.local_epochs, client_fraction=1.0)
+  variables = init_variables(model, split.n_features, rng)
+  state = algo.init(variables, jax.random.fold_in(rng, 1), key_version=config.key_version)
+  if config.server_optimizer != "fedavg":
+    # One round of plain averaging over one client is exactly that client's training.
+    algo = dataclasses.replace(config, server_optimizer="fedavg")
+    algo = create_algorithm(algo, model, local_epochs=config.rounds * config.local_epochs, client_fraction=1.0)
+    state = algo.init(variables, jax.random.fold_in(rng, 1), key_version=config.key_version)
+  state, _ = jax.jit(algo.round)(state, pooled, jnp.asarray(coords))
+  return evaluate(model, global_variables(state), split.test_x, split.test_y, split.n_classes, coords)
+
+
+def train_and_evaluate(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = False,
+                       stop_after_round: int | None = None, show_progress: bool | None = None) -> dict:
+  """Runs (or resumes) the federated training in ``workdir`` and writes metrics.jsonl and summary.json.
+
+  ``stop_after_round`` ends the run early after that round's checkpoint (used to test resume).
+  """
+  workdir = pathlib.Path(workdir)
+  if key.version != config.key_version:
+    raise UserInputError(f"the key file holds key version {key.version} but the run expects version "
+                         f"{config.key_version}; pass --key-version {key.version} or the matching key file")
+  split = load_data(config)
+  model = create_model(config, split.n_classes)
+  algo = create_algorithm(config, model)
+  clients = client_data(split, config.key_version)
+  coords = jnp.asarray(key.coords)
+
+  rng = jax.random.key(config.seed)
+  init_rng, server_rng, central_rng = jax.random.split(rng, 3)
+  state = algo.init(init_variables(model, split.n_features, init_rng), server_rng, key_version=config.key_version)
+
+  checkpointer = Checkpointer(workdir / CHECKPOINT_SUBDIR, save_every=config.checkpoint_every,
+                              keep=config.keep_checkpoints, config=config.resume_fingerprint())
+  history: list[dict] = []
+  if resume:
+    restored, extra = checkpointer.restore(_state_to_checkpoint(state))
+    state = ServerState(**restored)
+    history = extra.get("history", [])
+  start_round = int(state.round)
+  writer = MetricsWriter(workdir, resume_from_step=start_round if resume else None)
+
+  round_fn = jax.jit(algo.round)
+  eval_logits = jax.jit(lambda v, x: model.apply(v, x, key_coords=coords, train=False))
+  val_x, val_y = jnp.asarray(split.val_x, jnp.float32), split.val_y
+
+  bar = progress(range(start_round, config.rounds), total=config.rounds, initial=start_round, desc="rounds",
+                 disable=None if show_progress is None else not show_progress)
+  t0 = time.perf_counter()
+  for r in bar:
+    state, round_metrics = round_fn(state, clients, coords)
+    row = {k: float(v) for k, v in jax.device_get(round_metrics).items()}
+    done = r + 1
+    if done % config.eval_every == 0 or done == config.rounds:
+      logits = np.asarray(eval_logits(global_variables(state), val_x))
+      row.update({f"val_{k}": v for k, v in classification_metrics(val_y, logits, split.n_classes).items()})
+      bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{row['val_accuracy']:.3f}")
+    writer.write(done, row)
+    history.append({"round": done, **row})
+    checkpointer.save(done, _state_to_checkpoint(state), extra={"history": history},
+                      force=(done == config.rounds or done == stop_after_round))
+    if stop_after_round is not None and done >= stop_after_round:
+      writer.close()
+      checkpointer.close()
+      return {"stopped_after_round": done}
+  writer.close()
+  checkpointer.close()
+  train_seconds = time.perf_counter() - t0
+
+  variables = global_variables(state)
+  test = {name: evaluate(model, variables, split.test_x, split.test_y, split.n_classes, c)
+          for name, c in evaluation_keys(key).items()}
+  summary = {
+      "dataset": config.dataset,
+      "description": split.description,
+      "n_train": int(len(split.train_y)), "n_val": int(len(split.val_y)), "n_test": int(len(split.test_y)),
+      "client_sizes": [int(n) for n in split.client_sizes()],
+      "classes": list(split.class_names),
+      "majority_class_test_fraction": float(np.bincount(split.test_y).max() / len(split.test_y)),
+      "rounds": int(state.round),
+      "federated_train_seconds_this_session": train_seconds,
+      "test": test,
+      "config": dataclasses.asdict(config),
+  }
+  if config.central_baseline:
+    summary["central_right_key_test"] = train_central(config, model, split, key.coords, central_rng)
+  write_json_atomic(workdir / "summary.json", summary)
+  return summary
+
+
+def format_summary(summary: dict) -> str:
+  lines = [f"test metrics after {summary['rounds']} rounds on {summary['dataset']} "
+           f"({summary['n_test']} test samples; majority class {summary['majority_class_test_fraction']:.2f}):"]
+  for name, m in summary["test"].items():
+    lines.append(f"  federated {name:<22s} accuracy {m['accuracy']:.3f}  F1 {m['f1_weighted']:.3f}  "
+                 f"AUC {m['auc_weighted']:.3f}")
+  if "central_right_key_test" in summary:
+    m = summary["central_right_key_test"]
+    lines.append(f"  central   {'right_key':<22s} accuracy {m['accuracy']:.3f}  F1 {m['f1_weighted']:.3f}  "
+                 f"AUC {m['auc_weighted']:.3f}")
+  return "\n".join(lines)
