@@ -17,11 +17,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from infl_jax.common.errors import CheckpointError
+
 __all__ = ["CheckpointError", "Checkpointer"]
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint is missing, corrupted, or belongs to a different run."""
 
 
 def _normalise_config(config: dict | None) -> dict:

@@ -6,15 +6,11 @@ import pathlib
 import sys
 from typing import Callable, Sequence
 
-from infl_jax.common.checkpoint import CheckpointError
+from infl_jax.common.errors import CheckpointError, UserInputError
 
 __all__ = ["UserInputError", "prepare_workdir", "progress", "run_cli"]
 
 CHECKPOINT_SUBDIR = "checkpoints"
-
-
-class UserInputError(ValueError):
-  """Bad input from the user; the message names the problem and the fix."""
 
 
 def run_cli(main_fn: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
