@@ -13,22 +13,36 @@ import optax
 
 from infl_jax.federated import Task
 
-__all__ = ["accepts_mask", "classification_metrics", "classification_task", "predict_logits"]
+__all__ = ["accepts_kwarg", "accepts_mask", "classification_metrics", "classification_task", "predict_logits"]
+
+
+def accepts_kwarg(model: nn.Module, name: str) -> bool:
+  """Whether the model (or the user model that ``keyed`` wraps) takes keyword ``name``."""
+  inner = getattr(model, "model", model)
+  return name in inspect.signature(type(inner).__call__).parameters
 
 
 def accepts_mask(model: nn.Module) -> bool:
-  """Whether the model (or the model it keys) takes ``mask=`` to keep padding out of BatchNorm."""
-  inner = getattr(model, "model", model)
-  return "mask" in inspect.signature(type(inner).__call__).parameters
+  """Whether the model takes ``mask=`` to keep padding rows out of BatchNorm statistics."""
+  return accepts_kwarg(model, "mask")
+
+
+def _mode_kwargs(model: nn.Module, train: bool) -> dict:
+  return {"train": train} if accepts_kwarg(model, "train") else {}
 
 
 def classification_task(model: nn.Module) -> Task:
-  """Mask-weighted softmax cross-entropy; ``context`` is the key coordinates (None: no INR path)."""
+  """Mask-weighted softmax cross-entropy; ``context`` is the key coordinates (None: no INR path).
+
+  ``train=`` and ``mask=`` are passed only to models whose ``__call__`` takes them, so a
+  plain user model keyed with ``keyed(...)`` works as it is.
+  """
+  extra_kwargs = _mode_kwargs(model, True)
   mask_kwarg = accepts_mask(model)
 
   def loss(params, model_state, batch, mask, rng, context):
-    extra = {"mask": mask > 0} if mask_kwarg else {}
-    logits, updates = model.apply({"params": params, **model_state}, batch["x"], key_coords=context, train=True,
+    extra = dict(extra_kwargs, **({"mask": mask > 0} if mask_kwarg else {}))
+    logits, updates = model.apply({"params": params, **model_state}, batch["x"], key_coords=context,
                                   rngs={"dropout": rng}, mutable=list(model_state.keys()), **extra)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["y"])
     return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0), updates
@@ -39,7 +53,8 @@ def classification_task(model: nn.Module) -> Task:
 def predict_logits(model: nn.Module, variables, x: np.ndarray, key_coords: Any = None,
                    batch_size: int = 4096) -> np.ndarray:
   """Inference-mode logits, in fixed-size batches so one compiled function serves any input size."""
-  apply = jax.jit(lambda v, xb, c: model.apply(v, xb, key_coords=c, train=False))
+  mode = _mode_kwargs(model, False)
+  apply = jax.jit(lambda v, xb, c: model.apply(v, xb, key_coords=c, **mode))
   x = np.asarray(x, np.float32)
   n = x.shape[0]
   size = min(batch_size, n)
