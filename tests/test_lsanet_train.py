@@ -1,0 +1,182 @@
+"""End-to-end `lsanet-train` runs on scikit-learn's digits written as a 28 px MedMNIST npz.
+
+The runs marked slow train real (narrow) networks on CPU; together they take about 2.5 minutes
+on 2 cores. They still run in CI.
+"""
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lsanet_jax.data import digits_as_medmnist, write_medmnist_npz
+from lsanet_jax.main import main
+
+TINY = ["--flag", "digits", "--width", "0.125", "--lsa-dim", "32"]
+LADDER = {"plain": {"main"}, "ds": {"aux1", "aux2", "main"},
+          "ds_lsa": {"aux1", "aux2", "main", "fused"}, "lsanet": {"aux1", "aux2", "main", "fused"}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """Runs with identical settings (the resume test repeats the ladder's LSANet rung) reuse the
+  XLA executables instead of compiling them again; restored afterwards."""
+  import jax
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+          "jax_persistent_cache_min_entry_size_bytes")
+  saved = {k: getattr(jax.config, k) for k in keys}
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield
+  for k, v in saved.items():
+    jax.config.update(k, v)
+
+
+@pytest.fixture(scope="module")
+def digits_root(tmp_path_factory):
+  root = tmp_path_factory.mktemp("medmnist")
+  write_medmnist_npz(root / "digits.npz", digits_as_medmnist(seed=0))
+  return root
+
+
+def read_rows(workdir):
+  rows = [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  for r in rows:
+    r.pop("epoch_time_s")
+  return rows
+
+
+def summary(workdir):
+  return json.loads((pathlib.Path(workdir) / "summary.json").read_text())
+
+
+def checkpoint_arrays(workdir, step):
+  import orbax.checkpoint as ocp
+  import jax
+  restored = ocp.StandardCheckpointer().restore(pathlib.Path(workdir).absolute() / "checkpoints" / str(step) / "state")
+  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(restored)}
+
+
+@pytest.mark.slow
+def test_lsanet_resnet18_learns_digits(digits_root, tmp_path):
+  workdir = tmp_path / "run"
+  rc = main(TINY + ["--root", str(digits_root), "--epochs", "8", "--workdir", str(workdir)])
+  assert rc == 0
+  s = summary(workdir)
+  assert s["selection_head"] == "fused" and s["data_source"].endswith("digits.npz")
+  assert set(s["heads"]) == {"aux1", "aux2", "main", "fused"}
+  assert s["heads"]["fused"]["test_acc"] >= 0.90, s["heads"]
+  assert s["heads"]["main"]["test_acc"] >= 0.90, s["heads"]
+  rows = read_rows(workdir)
+  assert [r["epoch"] for r in rows] == list(range(1, 9))
+  assert rows[-1]["loss"] < rows[0]["loss"] / 3
+  assert rows[-1]["lr"] == pytest.approx(1e-5)  # x0.1 after epoch 4 and after epoch 6
+  for name in ("curves.png", "lsa_weights.png"):
+    assert (workdir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def ladder_runs(digits_root, tmp_path_factory):
+  """Every rung of the ablation ladder, 10% of the labels, 3 epochs (one step each)."""
+  base = tmp_path_factory.mktemp("ladder")
+  runs = {}
+  for variant in LADDER:
+    workdir = base / variant
+    rc = main(TINY + ["--root", str(digits_root), "--label-fraction", "0.1", "--epochs", "3",
+                      "--variant", variant, "--workdir", str(workdir)])
+    assert rc == 0, variant
+    runs[variant] = workdir
+  return runs
+
+
+@pytest.mark.slow
+def test_every_rung_of_the_ablation_ladder_reports_every_head(ladder_runs):
+  for variant, heads in LADDER.items():
+    s = summary(ladder_runs[variant])
+    assert set(s["heads"]) == heads, variant
+    assert s["num_train"] == 126  # stratified 10% of 1,257
+    for h in heads:
+      assert set(s["heads"][h]) == {"test_acc", "test_auc", "val_acc", "val_auc"}
+    rows = read_rows(ladder_runs[variant])
+    assert ("loss_synergy" in rows[0]) == (variant == "lsanet")
+    assert ("lsa_weight_main" in rows[0]) == (variant in ("ds_lsa", "lsanet"))
+    if variant == "ds":
+      assert rows[0]["weight_aux1"] == 1.0  # fixed DKS weights without LSA
+    if variant == "ds_lsa":
+      layer_weights = [rows[0][f"lsa_weight_{h}"] for h in ("aux1", "aux2", "main")]
+      assert sum(layer_weights) == pytest.approx(1.0, abs=1e-5)
+      assert rows[0]["weight_aux1"] == pytest.approx(3 * rows[0]["lsa_weight_aux1"], rel=1e-5)
+  assert summary(ladder_runs["plain"])["params"].keys() == {"total", "backbone"}
+
+
+@pytest.mark.slow
+def test_stopped_and_resumed_run_is_bit_identical(ladder_runs, digits_root, tmp_path):
+  reference = ladder_runs["lsanet"]
+  workdir = tmp_path / "resumed"
+  args = TINY + ["--root", str(digits_root), "--label-fraction", "0.1", "--epochs", "3",
+                 "--variant", "lsanet", "--workdir", str(workdir)]
+  assert main(args + ["--stop-after-epochs", "2"]) == 0
+  assert not (workdir / "summary.json").exists()
+  assert len(read_rows(workdir)) == 2
+  assert main(args + ["--resume"]) == 0
+  assert read_rows(workdir) == read_rows(reference)
+  assert summary(workdir)["heads"] == summary(reference)["heads"]
+  resumed, uninterrupted = checkpoint_arrays(workdir, 3), checkpoint_arrays(reference, 3)
+  assert resumed.keys() == uninterrupted.keys() and len(resumed) > 100
+  for key in resumed:
+    np.testing.assert_array_equal(resumed[key], uninterrupted[key], err_msg=key)
+
+
+@pytest.mark.slow
+def test_augmented_bf16_run(digits_root, tmp_path):
+  rc = main(TINY + ["--root", str(digits_root), "--label-fraction", "0.1", "--epochs", "2",
+                    "--variant", "plain", "--augment", "--bf16", "--workdir", str(tmp_path / "r")])
+  assert rc == 0
+  assert np.isfinite(read_rows(tmp_path / "r")[-1]["loss"])
+
+
+@pytest.mark.slow
+def test_corrupted_or_mismatched_checkpoint_is_refused(ladder_runs, digits_root, tmp_path, capsys):
+  workdir = tmp_path / "copy"
+  shutil.copytree(ladder_runs["plain"], workdir)
+  args = TINY + ["--root", str(digits_root), "--label-fraction", "0.1", "--epochs", "3",
+                 "--variant", "plain", "--workdir", str(workdir), "--resume"]
+  assert main(args[:-1] + ["--width", "0.25", "--resume"]) == 2
+  assert "different settings" in capsys.readouterr().err
+  for f in (workdir / "checkpoints" / "3" / "state").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"\0garbage")
+  assert main(args) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "checkpoint step 3" in err and "corrupted" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--flag", "bloodmnst"], "unknown dataset flag 'bloodmnst'"),
+    (["--flag", "bloodmnist"], "bloodmnist.npz not found"),
+    (["--flag", "digits", "--variant", "plain", "--lsa"], "LSA fuses the auxiliary branches"),
+    (["--flag", "digits", "--label-fraction", "0"], "label fraction must be in"),
+    (["--flag", "digits", "--aux-stages", "two"], "--aux-stages"),
+])
+def test_cli_bad_inputs(tmp_path, capsys, argv, message):
+  assert main(argv + ["--root", str(tmp_path / "empty"), "--workdir", str(tmp_path / "w")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and message in err
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+  (tmp_path / "w" / "checkpoints" / "1").mkdir(parents=True)
+  assert main(["--flag", "digits", "--workdir", str(tmp_path / "w"), "--epochs", "1"]) == 2
+  assert "--resume" in capsys.readouterr().err
+
+
+def test_script_entry_point_runs():
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  out = subprocess.run([sys.executable, str(repo / "scripts" / "lsanet_train.py"), "--help"],
+                       capture_output=True, text=True, cwd=repo, timeout=120,
+                       env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"})
+  assert out.returncode == 0 and "--label-fraction" in out.stdout
