@@ -10,8 +10,6 @@ exactly the rounds an uninterrupted run would.
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import pathlib
 import time
 from typing import Any
@@ -29,8 +27,6 @@ from infl_jax.common.metrics_log import MetricsWriter, write_json_atomic
 from infl_jax.config import TrainConfig
 from infl_jax.federated import ClientData, FederatedAlgorithm, ServerState, fedavg, server_optimizer, stack_clients
 from infl_jax.tasks.classification import classification_metrics, classification_task, predict_logits
-
-log = logging.getLogger(__name__)
 
 
 def load_data(config: TrainConfig):
@@ -56,13 +52,13 @@ def create_client_optimizer(config: TrainConfig) -> optax.GradientTransformation
   return optax.chain(optax.add_decayed_weights(config.weight_decay), optax.adam(config.learning_rate))
 
 
-def create_algorithm(config: TrainConfig, model, *, local_epochs=None, client_fraction=None) -> FederatedAlgorithm:
+def create_algorithm(config: TrainConfig, model) -> FederatedAlgorithm:
   return fedavg(
       classification_task(model),
       create_client_optimizer(config),
-      local_epochs=local_epochs or config.local_epochs,
+      local_epochs=config.local_epochs,
       batch_size=config.batch_size,
-      client_fraction=client_fraction or config.client_fraction,
+      client_fraction=config.client_fraction,
       weighting=config.weighting,
       prox_mu=config.prox_mu,
       server_opt=server_optimizer(config.server_optimizer, config.server_learning_rate),
@@ -103,17 +99,18 @@ def _state_to_checkpoint(state: ServerState) -> dict:
 
 def train_central(config: TrainConfig, model, split, coords, rng: jax.Array) -> dict:
   """The utility reference: the same architecture and optimizer on the pooled training data,
-  for as many epochs as a federated client trains in all (rounds x local epochs)."""
+  for as many epochs as a federated client trains in all (rounds x local epochs).
+
+  It is one engine round over a single client holding all training data, with plain
+  averaging, which is exactly that client's uninterrupted local training.
+  """
   pooled = stack_clients([{"x": split.train_x.astype(np.float32), "y": split.train_y.astype(np.int32)}],
                          key_version=config.key_version)
-  algo = create_algorithm(config, model, local_epochs=config.rounds * config.local_epochs, client_fraction=1.0)
-  variables = init_variables(model, split.n_features, rng)
-  state = algo.init(variables, jax.random.fold_in(rng, 1), key_version=config.key_version)
-  if config.server_optimizer != "fedavg":
-    # One round of plain averaging over one client is exactly that client's training.
-    algo = dataclasses.replace(config, server_optimizer="fedavg")
-    algo = create_algorithm(algo, model, local_epochs=config.rounds * config.local_epochs, client_fraction=1.0)
-    state = algo.init(variables, jax.random.fold_in(rng, 1), key_version=config.key_version)
+  central = dataclasses.replace(config, local_epochs=config.rounds * config.local_epochs, client_fraction=1.0,
+                                server_optimizer="fedavg", server_learning_rate=None, prox_mu=0.0)
+  algo = create_algorithm(central, model)
+  init_rng, server_rng = jax.random.split(rng)
+  state = algo.init(init_variables(model, split.n_features, init_rng), server_rng, key_version=config.key_version)
   state, _ = jax.jit(algo.round)(state, pooled, jnp.asarray(coords))
   return evaluate(model, global_variables(state), split.test_x, split.test_y, split.n_classes, coords)
 

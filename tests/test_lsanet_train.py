@@ -180,3 +180,42 @@ def test_script_entry_point_runs():
                        capture_output=True, text=True, cwd=repo, timeout=120,
                        env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"})
   assert out.returncode == 0 and "--label-fraction" in out.stdout
+
+
+def test_scan_epoch_matches_host_loop_epoch():
+  """The accelerator default (one lax.scan-compiled epoch) computes what the CPU loop computes."""
+  import jax
+  import optax
+  from lsanet_jax import train
+  config = train.TrainConfig(flag="digits", width=0.0625, batch_size=16, lsa_dim=8, aux="light",
+                             synergy=True, augment=True)
+  model = train.build_model(config, 10)
+  tx = optax.adam(1e-3)
+  rng = np.random.default_rng(0)
+  images = jax.device_put(rng.integers(0, 256, (40, 28, 28, 1), dtype=np.uint8))
+  labels = jax.device_put(rng.integers(0, 10, (40, 1)).astype(np.int32))
+  results = {}
+  for loop in ("scan", "host"):
+    state = train.create_train_state(model, tx, (28, 28, 1), train.init_key(0))
+    epoch, steps = train.make_train_epoch(model, tx, config, "multi-class", 40, loop)
+    results[loop] = epoch(state, images, labels, train.epoch_key(0, 1))
+  assert steps == 3
+  (s_scan, m_scan), (s_host, m_host) = results["scan"], results["host"]
+  assert int(s_scan["step"]) == int(s_host["step"]) == 3
+  for key in m_scan:
+    np.testing.assert_allclose(m_scan[key], m_host[key], rtol=1e-4, atol=1e-5, err_msg=key)
+  for a, b in zip(jax.tree_util.tree_leaves(s_scan["params"]), jax.tree_util.tree_leaves(s_host["params"])):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_preprocess_normalises_and_augments_within_bounds():
+  import jax
+  import jax.numpy as jnp
+  from lsanet_jax.train import preprocess
+  images = jnp.asarray(np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28, 1) % 256)
+  plain = preprocess(images)
+  np.testing.assert_allclose(plain, (np.asarray(images) / 255.0 - 0.5) / 0.5, rtol=1e-6)
+  augmented = preprocess(images, jax.random.key(0), augment=True)
+  assert augmented.shape == plain.shape
+  assert float(augmented.min()) >= -1.0 and float(augmented.max()) <= 1.0
+  assert not np.allclose(augmented, plain)

@@ -9,11 +9,17 @@ Order inside a round (all on device):
   5. the weighted mean of the updates (weights n_k, or 1) is the pseudo-gradient of
      the server optimizer (FedAvg: SGD with lr 1); model state such as BatchNorm
      statistics is averaged with the same weights.
+
+Two optional hooks make privacy mechanisms such as DP-FedAvg a training mode without a
+second engine: ``update_transform(delta, rng, context) -> delta`` runs on each client's
+parameter update before aggregation (e.g. clipping), and
+``aggregate_noise(mean_delta, rng, num_accepted, context) -> mean_delta`` on the mean update
+(e.g. Gaussian noise). Their keys come from ``fold_in(round key, ...)`` streams that the
+sampling and local training do not use, so a run without hooks is unchanged.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -29,6 +35,9 @@ from infl_jax.federated.task import Task
 PyTree = Any
 
 WEIGHTINGS = ("samples", "uniform")
+# fold_in constants of the hooks' PRNG streams (distinct from the split used for sampling/training).
+_TRANSFORM_STREAM = 0x7A11
+_NOISE_STREAM = 0x0153
 
 
 class ServerState(NamedTuple):
@@ -63,8 +72,16 @@ def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
            local_epochs: int = 1, batch_size: int = 64, client_fraction: float = 1.0,
            weighting: str = "samples", prox_mu: float = 0.0,
            server_opt: optax.GradientTransformation | None = None,
-           client_chunk_size: int | None = None) -> FederatedAlgorithm:
-  """FedAvg and its relatives (FedProx via ``prox_mu``, FedAdam/FedYogi via ``server_opt``)."""
+           client_chunk_size: int | None = None,
+           update_transform: Callable[[PyTree, jax.Array, Any], PyTree] | None = None,
+           aggregate_noise: Callable[[PyTree, jax.Array, jax.Array, Any], PyTree] | None = None,
+           ) -> FederatedAlgorithm:
+  """FedAvg and its relatives (FedProx via ``prox_mu``, FedAdam/FedYogi via ``server_opt``).
+
+  ``update_transform`` and ``aggregate_noise``: optional hooks (see the module docstring); they
+  receive the round's ``context`` too, so a setting such as a noise level can change between
+  runs without recompiling the round.
+  """
   if not 0.0 < client_fraction <= 1.0:
     raise ValueError(f"client_fraction must be in (0, 1], got {client_fraction}")
   if weighting not in WEIGHTINGS:
@@ -87,6 +104,8 @@ def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
     num_sampled = max(1, round(client_fraction * num_clients))
     round_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.round)
     sample_rng, train_rng = jax.random.split(round_rng)
+    transform_rng = jax.random.fold_in(round_rng, _TRANSFORM_STREAM)
+    noise_rng = jax.random.fold_in(round_rng, _NOISE_STREAM)
     if num_sampled < num_clients:
       sampled = jnp.sort(jax.random.choice(sample_rng, num_clients, (num_sampled,), replace=False))
     else:
@@ -113,6 +132,9 @@ def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
       indices, w = chunk_xs
       params_k, model_state_k, loss_k = jax.vmap(train_one)(indices)
       delta_k = jax.tree_util.tree_map(lambda p, g: p - g, params_k, state.params)
+      if update_transform is not None:
+        delta_k = jax.vmap(lambda d, i: update_transform(d, jax.random.fold_in(transform_rng, i), context))(
+            delta_k, indices)
       sum_delta, sum_state, sum_loss = sums
       sums = (jax.tree_util.tree_map(jnp.add, sum_delta, weighted_sum(delta_k, w)),
               jax.tree_util.tree_map(jnp.add, sum_state, weighted_sum(model_state_k, w)),
@@ -128,6 +150,8 @@ def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
     any_accepted = total > 0
     safe_total = jnp.where(any_accepted, total, 1.0)
     mean_delta = jax.tree_util.tree_map(lambda s: s / safe_total, sum_delta)
+    if aggregate_noise is not None:
+      mean_delta = aggregate_noise(mean_delta, noise_rng, jnp.sum(accepted).astype(jnp.int32), context)
     pseudo_grad = jax.tree_util.tree_map(jnp.negative, mean_delta)
     updates, new_opt_state = server_opt.update(pseudo_grad, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
