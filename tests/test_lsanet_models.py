@@ -98,9 +98,15 @@ def test_bad_model_settings_are_named():
 
 
 def test_bf16_compute_keeps_float32_params_and_logits():
-  model = LSANet("resnet18", 3, width=0.0625, aux="light", lsa=True, lsa_dim=8, dtype=jnp.bfloat16)
+  model = LSANet("resnet18", 3, width=0.0625, dtype=jnp.bfloat16)
   x = jnp.ones((2, 28, 28, 1))
   variables = jax.jit(lambda k, x: model.init(k, x, train=False))(jax.random.key(0), x)
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables["params"]))
   out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
   assert all(v.dtype == jnp.float32 and np.all(np.isfinite(v)) for v in out["logits"].values())
+  lsa = LayerSelectiveAttention(num_classes=3, dim=8, dtype=jnp.bfloat16)
+  feats = [jnp.ones((2, 4), jnp.bfloat16), jnp.zeros((2, 6), jnp.bfloat16)]
+  lsa_vars = lsa.init(jax.random.key(1), feats, train=False)
+  logits, alpha = lsa.apply(lsa_vars, feats, train=False)
+  assert logits.dtype == jnp.float32 and alpha.dtype == jnp.float32
+  np.testing.assert_allclose(alpha.sum(axis=1), 1.0, rtol=1e-6)
