@@ -64,7 +64,7 @@ def test_attention_adds_the_papers_parameters():
 def test_lsa_weights_are_a_softmax_over_layers_and_fuse_the_branches():
   lsa = LayerSelectiveAttention(num_classes=4, dim=8, reduction=2)
   feats = [jax.random.normal(jax.random.key(i), (5, c)) for i, c in enumerate((6, 10, 12))]
-  variables = lsa.init(jax.random.key(3), feats, train=False)
+  variables = jax.jit(lambda k: lsa.init(k, feats, train=False))(jax.random.key(3, impl="rbg"))
   logits, alpha = lsa.apply(variables, feats, train=False)
   chex.assert_shape(logits, (5, 4))
   chex.assert_shape(alpha, (5, 3, 8))
@@ -100,8 +100,12 @@ def test_bad_model_settings_are_named():
 def test_bf16_compute_keeps_float32_params_and_logits():
   model = LSANet("resnet18", 3, width=0.0625, dtype=jnp.bfloat16)
   x = jnp.ones((2, 28, 28, 1))
-  variables = jax.jit(lambda k, x: model.init(k, x, train=False))(jax.random.key(0), x)
-  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables["params"]))
+  shapes = jax.eval_shape(lambda k, x: model.init(k, x, train=False), jax.random.key(0), x)
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(shapes["params"]))
+  float32_twin = model.clone(dtype=jnp.float32)
+  rbg_key = jax.random.key(0, impl="rbg")  # compiles far faster than threefry on CPU
+  variables = jax.jit(lambda k, x: float32_twin.init(k, x, train=False))(rbg_key, x)
+  chex.assert_trees_all_equal_shapes_and_dtypes(shapes, variables)
   out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
   assert all(v.dtype == jnp.float32 and np.all(np.isfinite(v)) for v in out["logits"].values())
   lsa = LayerSelectiveAttention(num_classes=3, dim=8, dtype=jnp.bfloat16)

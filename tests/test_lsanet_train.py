@@ -219,3 +219,24 @@ def test_preprocess_normalises_and_augments_within_bounds():
   assert augmented.shape == plain.shape
   assert float(augmented.min()) >= -1.0 and float(augmented.max()) <= 1.0
   assert not np.allclose(augmented, plain)
+
+
+def test_multilabel_chest_format_trains_with_bce_and_bernoulli_synergy(tmp_path):
+  from lsanet_jax import train
+  from lsanet_jax.data import load_medmnist
+  rng = np.random.default_rng(0)
+  arrays = {}
+  for split, n in (("train", 48), ("val", 16), ("test", 16)):
+    labels = (rng.random((n, 14)) < 0.3).astype(np.uint8)
+    images = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
+    images[:, :8, :8] += (labels[:, :1, None] * 150).astype(np.uint8)  # label 0 is visible
+    arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
+  write_medmnist_npz(tmp_path / "chestmnist.npz", arrays)
+  data = load_medmnist("chestmnist", tmp_path)
+  config = train.TrainConfig(flag="chestmnist", width=0.0625, aux="light", lsa_dim=8, epochs=2,
+                             batch_size=16, label_fraction=0.5)
+  state, best, history = train.train_and_evaluate(config, data)
+  assert len(history) == 2 and all(np.isfinite(r["loss"]) and r["loss_synergy"] >= 0 for r in history)
+  assert set(best["test"]) == {"aux1", "aux2", "main", "fused"}
+  for head in best["test"].values():
+    assert 0.0 <= head["auc"] <= 1.0 and 0.0 <= head["acc"] <= 1.0
