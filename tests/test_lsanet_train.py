@@ -182,6 +182,7 @@ def test_script_entry_point_runs():
   assert out.returncode == 0 and "--label-fraction" in out.stdout
 
 
+@pytest.mark.slow
 def test_scan_epoch_matches_host_loop_epoch():
   """The accelerator default (one lax.scan-compiled epoch) computes what the CPU loop computes."""
   import jax
@@ -221,6 +222,7 @@ def test_preprocess_normalises_and_augments_within_bounds():
   assert not np.allclose(augmented, plain)
 
 
+@pytest.mark.slow
 def test_multilabel_chest_format_trains_with_bce_and_bernoulli_synergy(tmp_path):
   from lsanet_jax import train
   from lsanet_jax.data import load_medmnist
@@ -240,3 +242,15 @@ def test_multilabel_chest_format_trains_with_bce_and_bernoulli_synergy(tmp_path)
   assert set(best["test"]) == {"aux1", "aux2", "main", "fused"}
   for head in best["test"].values():
     assert 0.0 <= head["auc"] <= 1.0 and 0.0 <= head["acc"] <= 1.0
+
+
+def test_cli_download_refuses_a_file_with_the_wrong_checksum(tmp_path, capsys):
+  mirror = tmp_path / "mirror"
+  mirror.mkdir()
+  (mirror / "breastmnist.npz").write_bytes(b"not the official file")
+  argv = ["--flag", "breastmnist", "--root", str(tmp_path / "root"), "--download",
+          "--download-url-template", mirror.as_uri() + "/{filename}", "--workdir", str(tmp_path / "w")]
+  assert main(argv) == 2
+  err = capsys.readouterr().err
+  assert "expected 750601b1f35ba3300ea97c75c52ff8f6" in err
+  assert not (tmp_path / "root" / "breastmnist.npz").exists() and not (tmp_path / "w").exists()
