@@ -1,0 +1,80 @@
+"""The adaptive attacker: the server holds every trained weight, key encoder included, so the model
+depends on the secret only through the 16-dim key vector ``k``. The attacker fits ``k`` directly.
+
+- ``apply_with_key_vector`` runs a keyed model with a given ``k`` instead of key coordinates.
+- ``prior_key_vector``: the attacker's guess without data, the mean ``k`` of keys of the same mode
+  drawn from seeds of their own (anyone with the code can draw them).
+- ``fit_key_vector``: from ``n`` labelled samples, Adam on the cross-entropy over ``k`` alone.
+- In gradient inversion ``k`` is the ``extra`` unknown of ``gradient_inversion.invert``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from infl_jax import keys as keylib
+from infl_jax.common.cli import UserInputError
+from infl_jax.keyed import KeyEncoder, key_vector
+
+__all__ = ["apply_with_key_vector", "fit_key_vector", "prior_key_vector"]
+
+# Placeholder coordinates: they only switch the INR path on; the encoder's output is replaced.
+_PLACEHOLDER_COORDS = jnp.zeros((1, 2), jnp.float32)
+
+
+def apply_with_key_vector(model: nn.Module, variables, x, k: jax.Array, **kwargs):
+  """``model.apply(variables, x, key_coords=<a key whose vector is k>, **kwargs)``."""
+
+  def inject(next_fun, args, call_kwargs, context):
+    if isinstance(context.module, KeyEncoder) and context.method_name == "__call__":
+      return k
+    return next_fun(*args, **call_kwargs)
+
+  with nn.intercept_methods(inject):
+    return model.apply(variables, x, key_coords=_PLACEHOLDER_COORDS, **kwargs)
+
+
+def prior_key_vector(variables, mode: str = "uniform", *, num_keys: int = 8, first_seed: int = 10_000) -> jax.Array:
+  """Mean key vector of ``num_keys`` keys of ``mode`` from the attacker's own seeds."""
+  if num_keys < 1:
+    raise UserInputError(f"prior_key_vector: num_keys must be >= 1, got {num_keys}")
+  coords = jnp.stack([jnp.asarray(keylib.generate_key(first_seed + i, mode).coords) for i in range(num_keys)])
+  return jnp.mean(jax.vmap(lambda c: key_vector(variables, c))(coords), axis=0)
+
+
+def fit_key_vector(model: nn.Module, variables, x, y, k_init: jax.Array, *, steps: int = 200,
+                   learning_rate: float = 0.05, model_kwargs: dict | None = None) -> jax.Array:
+  """Fits ``k`` by Adam on the mean cross-entropy of the labelled samples ``(x [n, F], y [n])``.
+
+  ``n = 0`` returns ``k_init`` unchanged (no data, nothing to fit).
+  """
+  x = jnp.asarray(x, jnp.float32)
+  y = jnp.asarray(y, jnp.int32)
+  if x.shape[0] != y.shape[0]:
+    raise UserInputError(f"fit_key_vector: {x.shape[0]} inputs but {y.shape[0]} labels")
+  if x.shape[0] == 0:
+    return k_init
+  model_kwargs = model_kwargs or {}
+  opt = optax.adam(learning_rate)
+
+  def loss_fn(k):
+    logits = apply_with_key_vector(model, variables, x, k, **model_kwargs)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y))
+
+  @jax.jit
+  def run(k):
+    def step(carry, _):
+      k, state = carry
+      grads = jax.grad(loss_fn)(k)
+      updates, state = opt.update(grads, state, k)
+      return (optax.apply_updates(k, updates), state), None
+
+    (k, _), _ = jax.lax.scan(step, (k, opt.init(k)), None, length=steps)
+    return k
+
+  return run(jnp.asarray(k_init, jnp.float32))
