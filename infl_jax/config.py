@@ -16,12 +16,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     "pbmc": dict(model="mlp", hidden=(256, 128), key_strength=20.0, n_clients=5, partition="dirichlet", alpha=0.5,
                  rounds=40, local_epochs=2, batch_size=32, learning_rate=1e-3, weight_decay=1e-4, dropout=0.2),
 }
+# Heterogeneous-panel study (infl_jax/data/builtin.py): the pbmc settings on 3 site clients.
+PRESETS["pbmc_sites"] = {k: v for k, v in PRESETS["pbmc"].items() if k not in ("n_clients", "partition", "alpha")}
+PRESETS["pbmc_panels"] = dict(PRESETS["pbmc_sites"])
+# Tasks beyond classification (infl_jax/tasks/runners.py).
+PRESETS["nutrimouse"] = dict(task="multiomics", hidden=(64,), embed_dim=8, key_strength=1.0, rounds=150,
+                             local_epochs=5, batch_size=64, learning_rate=3e-3, weight_decay=1e-4, dropout=0.2,
+                             checkpoint_every=50)
+PRESETS["spatial"] = dict(task="spatial", hidden=(128,), embed_dim=16, key_strength=1.0, n_clients=3, rounds=60,
+                          local_epochs=5, batch_size=1024, learning_rate=1e-3, weight_decay=1e-4, dropout=0.2,
+                          n_top_features=1000, checkpoint_every=20)
 GENERIC = dict(model="mlp", hidden=(256, 128), key_strength=1.0, n_clients=None, rounds=50, local_epochs=1,
                batch_size=64, learning_rate=1e-3, weight_decay=1e-4, dropout=0.2)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+  task: str = "classification"  # or "multiomics", "spatial", "perturbation" (infl_jax/tasks/runners.py)
   dataset: str = "proteomics"
   label_key: str | None = None
   client_key: str | None = None
@@ -52,6 +63,9 @@ class TrainConfig:
   checkpoint_every: int = 5
   keep_checkpoints: int = 3
   central_baseline: bool = True
+  embed_dim: int = 16  # clustering tasks: size of the learned embedding
+  cluster_method: str = "kmeans"  # clustering tasks: "kmeans" or "leiden"
+  graph_neighbors: int = 6  # spatial task: neighbours per spot in the spatial graph
 
   @classmethod
   def for_dataset(cls, dataset: str, **overrides) -> "TrainConfig":

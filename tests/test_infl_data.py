@@ -225,8 +225,8 @@ def test_mismatched_panels_error_names_genes_and_offers_inner_join():
   b.var_names = ["g0", "g1", "g2", "g3", "GENE_X"]
   with pytest.raises(DataError, match=r"panels differ.*'s1' lacks 1 \(g4\).*GENE_X.*join='inner'"):
     data.load_sites([a, b], site_names=["s0", "s1"])
-  with pytest.raises(DataError, match="union.*not implemented.*join='inner'"):
-    data.load_sites([a, b], join="union")
+  union = data.align_feature_panels([list(a.var_names), list(b.var_names)], ["s0", "s1"], join="union")
+  assert union.feature_names == ["g0", "g1", "g2", "g3", "g4", "GENE_X"]  # join="union" is implemented now
   alignment = data.align_feature_panels([["a", "b"], ["b", "a"]], ["x", "y"])
   np.testing.assert_array_equal(alignment.site_columns[1], [1, 0])
   assert alignment.present.all()

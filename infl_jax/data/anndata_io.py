@@ -28,6 +28,8 @@ __all__ = [
     "load_sites",
     "obs_column",
     "read_h5ad",
+    "take_aligned_columns",
+    "union_feature_mask",
 ]
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -223,14 +225,19 @@ def align_feature_panels(panels: Sequence[Sequence[str]], site_names: Sequence[s
     raise DataError(
         f"feature panels differ between sites: {len(shared)} features shared, {len(union)} in total; "
         + "; ".join(lines) + f". Fix: pass join='inner' to keep only the {len(shared)} shared features,"
-        " or align the panels yourself")
-  if join == "union" and shared != union:
-    raise DataError(
-        "join='union' (missing features masked per site) is not implemented yet; pass join='inner' to"
-        f" keep the {len(shared)} features all sites share")
-  if not shared:
+        f" join='union' to keep all {len(union)} with unmeasured ones masked per site, or align the panels yourself")
+  if not shared and join != "union":
     raise DataError("the sites share no feature names at all; check that they use the same identifiers (gene symbols vs Ensembl ids)")
-  common = [f for f in panels[0] if f in shared]
+  if join == "union":
+    # Every feature any site measured: the first site's order, then each later site's new ones.
+    common, seen = [], set()
+    for p in panels:
+      for f in p:
+        if f not in seen:
+          seen.add(f)
+          common.append(f)
+  else:
+    common = [f for f in panels[0] if f in shared]
   site_columns = []
   for p in panels:
     col = {f: i for i, f in enumerate(p)}
@@ -244,7 +251,9 @@ def load_sites(sources: Sequence[Any], *, site_names: Sequence[str] | None = Non
   """One AnnData from several sites' AnnData objects or .h5ad files, with ``obs[site_key]``.
 
   The feature panels must match (``join="exact"``, any order) unless ``join="inner"`` is
-  passed, which keeps the features every site has. obs columns are outer-joined; sample
+  passed, which keeps the features every site has, or ``join="union"``, which keeps every
+  feature any site has: a site's unmeasured features are NaN in ``X`` and
+  ``uns["feature_join"]["present"]`` is the [sites, features] mask of measured ones. obs columns are outer-joined; sample
   names are prefixed with the site name where they collide.
   """
   anndata = _import_anndata()
@@ -263,7 +272,7 @@ def load_sites(sources: Sequence[Any], *, site_names: Sequence[str] | None = Non
     raise DataError(f"site names must be unique, got {site_names}; pass site_names=[...]")
   matrices, panels = zip(*(feature_matrix(a, layer=layer, use_raw=use_raw) for a in adatas))
   alignment = align_feature_panels(panels, site_names, join)
-  x = np.concatenate([m[:, cols] for m, cols in zip(matrices, alignment.site_columns)], axis=0)
+  x = np.concatenate([take_aligned_columns(m, cols) for m, cols in zip(matrices, alignment.site_columns)], axis=0)
   obs_frames = []
   all_names = np.concatenate([np.asarray(a.obs_names, dtype=str) for a in adatas])
   collide = len(set(all_names)) != len(all_names)
@@ -284,4 +293,31 @@ def load_sites(sources: Sequence[Any], *, site_names: Sequence[str] | None = Non
   combined = anndata.AnnData(X=x, obs=obs, var=var)
   combined.uns["feature_join"] = {"join": join, "sites": site_names,
                                   "n_features_per_site": [len(p) for p in panels]}
+  if join == "union":
+    # Per-site panel mask: the loader uses it to tell "not measured here" from real missing values.
+    combined.uns["feature_join"]["present"] = alignment.present.astype(np.uint8)
   return combined
+
+
+def take_aligned_columns(x: np.ndarray, columns: np.ndarray) -> np.ndarray:
+  """``x`` [n, site features] laid out on the common panel: column -1 (not measured) becomes NaN."""
+  out = np.full((x.shape[0], len(columns)), np.nan, np.float32)
+  have = columns >= 0
+  out[:, have] = x[:, columns[have]]
+  return out
+
+
+def union_feature_mask(adata, site_key: str = "site") -> np.ndarray | None:
+  """[samples, features] bool: whether each sample's site measured each feature (union joins only).
+
+  None when ``adata`` is not the result of ``load_sites(..., join="union")``.
+  """
+  info = adata.uns.get("feature_join") if hasattr(adata, "uns") else None
+  if not info or info.get("join") != "union" or "present" not in info:
+    return None
+  present = np.asarray(info["present"]).astype(bool)
+  sites = [str(s) for s in info["sites"]]
+  site_of = obs_column(adata, site_key, "site")
+  index = {s: i for i, s in enumerate(sites)}
+  rows = np.array([index[str(v)] for v in site_of])
+  return present[rows]

@@ -11,6 +11,10 @@ aptamers (Type "Protein"), in RFU; the default preprocessing takes log2. Label `
 log1p-normalised expression (the source's ``.raw.X``); the source's ``.X`` was scaled with
 statistics of all 700 cells, which would leak held-out cells into training, so it is kept
 only as ``layers["scaled_all_cells"]``. Clients by Dirichlet label skew (alpha 0.5, 5).
+
+``pbmc_sites`` / ``pbmc_panels``: the same cells in 3 seeded iid sites (``obs["site"]``), with
+full gene panels, or with each site missing its own disjoint 20% of the genes (heterogeneous
+panels, aligned to the union with a per-site mask: ``uns["feature_join"]["present"]``).
 """
 
 from __future__ import annotations
@@ -106,6 +110,47 @@ def _build_pbmc() -> "anndata.AnnData":
   return adata
 
 
+PBMC_SITES = 3
+PBMC_PANEL_DROP = 0.2
+
+
+def _pbmc_site_adatas(drop_fraction: float):
+  """pbmc split into 3 sites (seeded, iid); each site loses its own disjoint ``drop_fraction`` of genes."""
+  adata = _build_pbmc()
+  rng = np.random.default_rng(20261127)
+  site_of = rng.permutation(np.arange(adata.n_obs) % PBMC_SITES)
+  gene_order = rng.permutation(adata.n_vars)
+  n_drop = int(round(drop_fraction * adata.n_vars))
+  sites = []
+  for s in range(PBMC_SITES):
+    dropped = set(gene_order[s * n_drop:(s + 1) * n_drop].tolist())
+    genes = [j for j in range(adata.n_vars) if j not in dropped]
+    site = adata[site_of == s][:, genes].copy()
+    del site.layers["scaled_all_cells"]
+    sites.append(site)
+  return sites
+
+
+@functools.lru_cache(maxsize=None)
+def _build_pbmc_sites() -> "anndata.AnnData":
+  from infl_jax.data.anndata_io import load_sites
+
+  combined = load_sites(_pbmc_site_adatas(0.0), site_names=[f"site{s}" for s in range(PBMC_SITES)], join="exact")
+  combined.uns["source"] = "pbmc68k_reduced (log1p-normalised) in 3 seeded iid sites, full gene panels"
+  return combined
+
+
+@functools.lru_cache(maxsize=None)
+def _build_pbmc_panels() -> "anndata.AnnData":
+  from infl_jax.data.anndata_io import load_sites
+
+  combined = load_sites(_pbmc_site_adatas(PBMC_PANEL_DROP), site_names=[f"site{s}" for s in range(PBMC_SITES)],
+                        join="union")
+  combined.uns["source"] = ("pbmc68k_reduced (log1p-normalised) in 3 seeded iid sites (as pbmc_sites); each site"
+                            " lacks its own disjoint 20% of the genes; union join, unmeasured genes NaN + mask")
+  return combined
+
+
 BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
     "proteomics": BuiltinDataset(
         name="proteomics",
@@ -117,6 +162,16 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
         summary="scanpy pbmc68k_reduced: 700 cells x 765 genes (log1p-normalised), label bulk_labels (10 types)",
         label_key="bulk_labels", client_key=None, partition="dirichlet", n_clients=5, alpha=0.5,
         log_transform="none", build=_build_pbmc, requires="scanpy"),
+    "pbmc_sites": BuiltinDataset(
+        name="pbmc_sites",
+        summary="pbmc in 3 iid sites with full gene panels (the reference for pbmc_panels)",
+        label_key="bulk_labels", client_key="site", partition="column", n_clients=None, alpha=0.5,
+        log_transform="none", build=_build_pbmc_sites, requires="scanpy"),
+    "pbmc_panels": BuiltinDataset(
+        name="pbmc_panels",
+        summary="pbmc in the 3 sites of pbmc_sites, each missing a different 20% of the 765 genes (union join, masked)",
+        label_key="bulk_labels", client_key="site", partition="column", n_clients=None, alpha=0.5,
+        log_transform="none", build=_build_pbmc_panels, requires="scanpy"),
 }
 
 

@@ -85,7 +85,10 @@ def load_dataset(
     min_client_size: a Dirichlet draw leaving a client smaller than this is redrawn.
     min_class_count: drop classes with fewer samples than this before splitting.
     drop_unlabelled: leave out samples whose label is missing instead of failing.
-    join: for several sites: ``"exact"`` or ``"inner"`` (shared features only).
+    join: for several sites: ``"exact"``, ``"inner"`` (shared features only) or ``"union"``
+      (every feature; a site's unmeasured ones are filled with the training mean of the sites
+      that measured them, i.e. 0 after standardisation; ``config["feature_present"]`` holds
+      each client's mask).
     site_names: names of the sites in a list ``source`` (default: file stems).
   """
   adata, spec, default_client_key, origin = _resolve_source(
@@ -122,6 +125,12 @@ def load_dataset(
     alpha = spec.alpha if spec is not None else 0.5
   if log_transform is None:
     log_transform = spec.log_transform if spec is not None else "none"
+  union_info = adata.uns.get("feature_join", {}) if hasattr(adata, "uns") else {}
+  union_join = union_info.get("join") == "union" and "present" in union_info
+  if union_join and impute is None:
+    # Features a site did not measure are NaN: fill them with the training mean of the sites
+    # that measured them, which standardisation maps to exactly 0 (the masked value).
+    impute = "mean"
 
   y, class_names, keep = anndata_io.encode_labels(adata, label_key, drop_unlabelled=drop_unlabelled)
   groups = anndata_io.obs_column(adata, client_key, "client")[keep] if partition == "column" else None
@@ -165,4 +174,11 @@ def load_dataset(
   split.config.update({"source": name, "label_key": label_key, "client_key": client_key if partition == "column" else None,
                        "layer": layer, "use_raw": use_raw, "min_class_count": min_class_count,
                        "drop_unlabelled": drop_unlabelled, "join": join})
+  if union_join:
+    present = np.asarray(union_info["present"]).astype(bool)
+    site_names_ = [str(s) for s in union_info["sites"]]
+    kept = split.preprocessing.feature_index
+    split.config["join"] = "union"
+    split.config["feature_present"] = {
+        name: present[site_names_.index(name)][kept].tolist() for name in split.client_names if name in site_names_}
   return split
