@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from infl_jax import keys as keylib
@@ -47,34 +48,50 @@ def prior_key_vector(variables, mode: str = "uniform", *, num_keys: int = 8, fir
   return jnp.mean(jax.vmap(lambda c: key_vector(variables, c))(coords), axis=0)
 
 
+_FIT_PROGRAMS: dict = {}
+
+
+def _fit_program(model: nn.Module, steps: int, learning_rate: float, model_kwargs: dict):
+  """One compiled fit per (model, settings): samples are padded to a bucket size and masked."""
+  cache_key = (id(model), steps, learning_rate, tuple(sorted(model_kwargs.items())))
+  if cache_key not in _FIT_PROGRAMS:
+    opt = optax.adam(learning_rate)
+
+    def loss_fn(k, variables, x, y, mask):
+      logits = apply_with_key_vector(model, variables, x, k, **model_kwargs)
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
+      return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+    def run(k, variables, x, y, mask):
+      def step(carry, _):
+        k, state = carry
+        grads = jax.grad(loss_fn)(k, variables, x, y, mask)
+        updates, state = opt.update(grads, state, k)
+        return (optax.apply_updates(k, updates), state), None
+
+      (k, _), _ = jax.lax.scan(step, (k, opt.init(k)), None, length=steps)
+      return k
+
+    _FIT_PROGRAMS[cache_key] = (model, jax.jit(run))  # the model is kept alive with its id
+  return _FIT_PROGRAMS[cache_key][1]
+
+
 def fit_key_vector(model: nn.Module, variables, x, y, k_init: jax.Array, *, steps: int = 200,
                    learning_rate: float = 0.05, model_kwargs: dict | None = None) -> jax.Array:
   """Fits ``k`` by Adam on the mean cross-entropy of the labelled samples ``(x [n, F], y [n])``.
 
   ``n = 0`` returns ``k_init`` unchanged (no data, nothing to fit).
   """
-  x = jnp.asarray(x, jnp.float32)
-  y = jnp.asarray(y, jnp.int32)
+  x = np.asarray(x, np.float32)
+  y = np.asarray(y, np.int32)
   if x.shape[0] != y.shape[0]:
     raise UserInputError(f"fit_key_vector: {x.shape[0]} inputs but {y.shape[0]} labels")
-  if x.shape[0] == 0:
+  n = x.shape[0]
+  if n == 0:
     return k_init
-  model_kwargs = model_kwargs or {}
-  opt = optax.adam(learning_rate)
-
-  def loss_fn(k):
-    logits = apply_with_key_vector(model, variables, x, k, **model_kwargs)
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y))
-
-  @jax.jit
-  def run(k):
-    def step(carry, _):
-      k, state = carry
-      grads = jax.grad(loss_fn)(k)
-      updates, state = opt.update(grads, state, k)
-      return (optax.apply_updates(k, updates), state), None
-
-    (k, _), _ = jax.lax.scan(step, (k, opt.init(k)), None, length=steps)
-    return k
-
-  return run(jnp.asarray(k_init, jnp.float32))
+  bucket = max(32, 1 << (n - 1).bit_length())  # padded: one compiled shape up to 32 samples
+  mask = np.r_[np.ones(n, np.float32), np.zeros(bucket - n, np.float32)]
+  x = np.concatenate([x, np.zeros((bucket - n,) + x.shape[1:], np.float32)])
+  y = np.concatenate([y, np.zeros(bucket - n, np.int32)])
+  run = _fit_program(model, steps, learning_rate, dict(model_kwargs or {}))
+  return run(jnp.asarray(k_init, jnp.float32), variables, jnp.asarray(x), jnp.asarray(y), jnp.asarray(mask))

@@ -36,6 +36,7 @@ from infl_jax.attacks import adaptive, analytic, gradient_inversion as gi, membe
 from infl_jax.common.cli import UserInputError, progress
 from infl_jax.common.metrics_log import write_json_atomic
 from infl_jax.config import TrainConfig
+from infl_jax.keyed import key_vector
 from infl_jax.federated import LocalConfig, fedavg, server_optimizer, stack_clients
 from infl_jax.privacy import dp as dplib
 from infl_jax.privacy import hardened as hardlib
@@ -174,25 +175,21 @@ class _Attacks:
       return jax.vmap(lambda xi, yi: _loss_grad(model, params, state, xi, jax.nn.one_hot(yi, num_classes),
                                                 coords=coords))(x, y)
 
-    def invert_coords(variables, observed, labels, coords, rng):
+    # Right key, wrong keys and the adaptive attacker share one program: the model runs with a key
+    # vector k (right/wrong key: k of their coordinates, held fixed; adaptive: k optimised jointly).
+    def invert_key_vector(variables, observed, labels, k0, fit_k, rng):
       params, state = _split_variables(variables)
-      fn = lambda x, yp, _: _loss_grad(model, params, state, x, yp, coords=coords)
-      return gi.invert(fn, observed, rng, shape, num_classes, config, labels=labels)
+      fn = lambda x, yp, k: _loss_grad(model, params, state, x, yp, k=k0 + fit_k * (k - k0))
+      return gi.invert(fn, observed, rng, shape, num_classes, config, labels=labels, extra_init=k0)
 
     def invert_no_inr(variables, observed, labels, rng):
       params, state = _split_variables(variables)
       fn = lambda x, yp, _: _loss_grad(model, params, state, x, yp, coords=None)
       return gi.invert(fn, observed, rng, shape, num_classes, config, labels=labels)
 
-    def invert_adaptive(variables, observed, labels, k0, rng):
-      params, state = _split_variables(variables)
-      fn = lambda x, yp, k: _loss_grad(model, params, state, x, yp, k=k)
-      return gi.invert(fn, observed, rng, shape, num_classes, config, labels=labels, extra_init=k0)
-
     self.observe = jax.jit(observe)
-    self.invert_coords = jax.jit(invert_coords)
+    self.invert_key_vector = jax.jit(invert_key_vector)
     self.invert_no_inr = jax.jit(invert_no_inr)
-    self.invert_adaptive = jax.jit(invert_adaptive)
 
 
 def inversion_config(cfg: PrivacyConfig) -> gi.InversionConfig:
@@ -288,7 +285,7 @@ def attack_model(ctx: _Context, name: str, model, variables, *, key_strength: fl
     coords = None if attacker_key is None else attacker_key.coords
     if attacker == "adaptive":
       k0 = adaptive.prior_key_vector(variables, cfg.key_mode)
-      res = attacks.invert_adaptive(variables, observed, labels, k0, rng_attack)
+      res = attacks.invert_key_vector(variables, observed, labels, k0, jnp.float32(1.0), rng_attack)
       accs = {}
       for n in cfg.adaptive_samples:
         k = adaptive.fit_key_vector(model, variables, ctx.split.val_x[:n], ctx.split.val_y[:n], k0,
@@ -302,7 +299,8 @@ def attack_model(ctx: _Context, name: str, model, variables, *, key_strength: fl
       extra = {}
     else:
       c = jnp.asarray(coords)
-      res = attacks.invert_coords(variables, observed, labels, c, rng_attack)
+      k = key_vector(variables, c)
+      res = attacks.invert_key_vector(variables, observed, labels, k, jnp.float32(0.0), rng_attack)
       acc = _accuracy(model, variables, test_view_x(attacker), ctx.split.test_y, n_classes, c)
       extra = {}
     ctx.rows.append({**base, "attacker": attacker, "attack": "gradient_inversion", "test_accuracy": acc,
@@ -424,7 +422,8 @@ def run_evaluation(config: PrivacyConfig, workdir, *, show_progress: bool | None
       attack_model(ctx, name, model, variables, key_strength=lam, hardened=False, attackers=attackers)
       x_pool = np.concatenate([members[0], non_members[0]])
       y_pool = np.concatenate([members[1], non_members[1]])
-      shadows = (shadows_for(model, tc, lam, x_pool, y_pool, coords, lam) if lam in (0.0, main_lambda) else None)
+      # LiRA (shadow training is the costly part) for the main lambda; loss threshold for every model.
+      shadows = shadows_for(model, tc, lam, x_pool, y_pool, coords, lam) if lam == main_lambda else None
       mia[name] = membership_rows(ctx, name, model, variables, jnp.asarray(coords), *members, *non_members,
                                   shadows=shadows)
     elif kind == "hardened":
@@ -443,8 +442,7 @@ def run_evaluation(config: PrivacyConfig, workdir, *, show_progress: bool | None
       model, variables, tc = trainer.train(0.0, split, coords, dp_noise=noise)
       attack_model(ctx, name, model, variables, key_strength=0.0, hardened=False, dp=(eps, noise),
                    attackers=("right_key",))
-      mia[name] = membership_rows(ctx, name, model, variables, jnp.asarray(coords), *members, *non_members,
-                                  shadows=shadow_sets.get(0.0))
+      mia[name] = membership_rows(ctx, name, model, variables, jnp.asarray(coords), *members, *non_members)
     timings[name] = time.perf_counter() - t0
 
   for row in ctx.rows:

@@ -3,14 +3,17 @@
 Why: the faithful method's secret reaches the model only through a 16-dim vector ``k`` that
 changes little between keys and that gradient descent can fit, and the analytic first-layer
 attack reads the input off an update without any key (see docs/privacy.md). Here the key also
-fixes a secret permutation, sign flip and scale (log-uniform in [1/2, 2]) of the input features:
+fixes a secret permutation and sign flip (optionally a scale) of the input features:
 
-    x_s[i] = sign[i] * scale[i] * x[perm[i]]
+    x_s[i] = sign[i] * scale[i] * x[perm[i]]          (scale 1 unless ``scale_range`` is given)
 
 Clients scramble their data before training and inference; the model is trained on ``x_s``.
 The scramble is not a parameter, never leaves the clients and is discrete (one of F! * 2^F
-permutations/sign patterns), so gradient descent cannot fit it. A dense first layer is
-equivariant to a feature permutation, so the key holder loses (almost) nothing, while whatever an
+permutations/sign patterns), so gradient descent cannot fit it. With an i.i.d. initialisation a dense
+first layer trained with a coordinate-wise optimizer (Adam, SGD, weight decay) is equivariant to a
+signed permutation of its inputs, so the key holder's training is the same in distribution; scales
+would change the optimizer's dynamics and add no secrecy that the permutation does not give, hence
+off by default. Whatever an
 attacker reconstructs from a gradient is ``x_s``: scrambled unless they hold the key.
 
 The scramble is drawn from ``SeedSequence([seed, version, mode, domain tag])``: a stream disjoint
@@ -30,7 +33,6 @@ from infl_jax.common.cli import UserInputError
 __all__ = ["InputScrambler", "harden_split", "input_scrambler", "scramble", "unscramble"]
 
 _DOMAIN_TAG = 0x4A7D5C
-SCALE_RANGE = (0.5, 2.0)
 
 
 class InputScrambler(NamedTuple):
@@ -39,7 +41,9 @@ class InputScrambler(NamedTuple):
   scales: np.ndarray  # float32 [F], > 0
 
 
-def input_scrambler(key: keylib.SecretKey, num_features: int) -> InputScrambler:
+def input_scrambler(key: keylib.SecretKey, num_features: int,
+                    scale_range: tuple[float, float] | None = None) -> InputScrambler:
+  """The key's scramble of ``num_features`` features; ``scale_range=(lo, hi)`` adds log-uniform scales."""
   if not isinstance(key, keylib.SecretKey):
     raise UserInputError(f"input_scrambler needs a SecretKey (infl_jax.keys.generate_key/load_key), got "
                          f"{type(key).__name__}")
@@ -50,8 +54,13 @@ def input_scrambler(key: keylib.SecretKey, num_features: int) -> InputScrambler:
                                                                      _DOMAIN_TAG])))
   permutation = rng.permutation(int(num_features))
   signs = np.where(rng.random(num_features) < 0.5, -1.0, 1.0).astype(np.float32)
-  lo, hi = np.log(SCALE_RANGE[0]), np.log(SCALE_RANGE[1])
-  scales = np.exp(rng.uniform(lo, hi, num_features)).astype(np.float32)
+  if scale_range is None:
+    scales = np.ones(num_features, np.float32)
+  else:
+    if not (len(scale_range) == 2 and 0 < scale_range[0] <= scale_range[1]):
+      raise UserInputError(f"input_scrambler: scale_range must be (lo, hi) with 0 < lo <= hi, got {scale_range!r}")
+    lo, hi = np.log(scale_range[0]), np.log(scale_range[1])
+    scales = np.exp(rng.uniform(lo, hi, num_features)).astype(np.float32)
   return InputScrambler(permutation, signs, scales)
 
 
