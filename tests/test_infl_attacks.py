@@ -93,6 +93,21 @@ def _grad_soft(apply, params, x, label_probs):
   return jax.grad(lambda p: gi.soft_cross_entropy(apply(p, x[None]), label_probs[None])[0])(params)
 
 
+def test_gradient_inversion_recovers_an_input_from_a_multi_step_fedavg_update():
+  model = TinyNet()
+  params = model.init(jax.random.key(1), jnp.zeros((1, 6)))["params"]
+  loss = lambda p, x, lp, extra: gi.soft_cross_entropy(model.apply({"params": p}, x[None]), lp[None])[0]
+  update_fn = gi.simulated_update_fn(loss, params, local_steps=3, learning_rate=0.1)
+  xs = jax.random.normal(jax.random.key(11), (2, 6))
+  ys = jnp.array([2, 0])
+  observed = jax.vmap(lambda x, y: update_fn(x, jax.nn.one_hot(y, 3), ()))(xs, ys)
+  config = gi.InversionConfig(steps=400, learning_rate=0.5, restarts=3, optimizer="normalized_gd", cosine_decay=True)
+  result = gi.invert(update_fn, observed, jax.random.key(12), (6,), 3, config, labels=ys)
+  assert np.median(metrics.omics_metrics(xs, result.x)["abs_pearson"]) > 0.95
+  with pytest.raises(UserInputError, match="local_steps"):
+    gi.simulated_update_fn(loss, params, local_steps=0, learning_rate=0.1)
+
+
 def test_gradient_inversion_optimises_the_soft_label_without_idlg():
   model = TinyNet()
   params = model.init(jax.random.key(1), jnp.zeros((1, 6)))["params"]

@@ -25,7 +25,7 @@ import optax
 from infl_jax.common.cli import UserInputError
 
 __all__ = ["InversionConfig", "InversionResult", "gradient_match_loss", "idlg_label", "invert",
-           "normalized_gd", "soft_cross_entropy"]
+           "normalized_gd", "simulated_update_fn", "soft_cross_entropy"]
 
 PyTree = Any
 OPTIMIZERS = ("adam", "normalized_gd")
@@ -106,6 +106,25 @@ def gradient_match_loss(g_dummy: PyTree, g_target: PyTree, l2_weight: float = 1.
     l2 = l2 / (jnp.sum(jnp.square(b)) + 1e-12)
   cos = jnp.dot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-12)
   return l2_weight * l2 + cosine_weight * (1.0 - cos)
+
+
+def simulated_update_fn(loss_fn: Callable[[PyTree, jax.Array, jax.Array, PyTree], jax.Array], params: PyTree, *,
+                        local_steps: int, learning_rate: float) -> Callable:
+  """A ``gradient_fn`` for attacks on FedAvg updates of one sample: the attacker's model of the
+  client's ``local_steps`` SGD steps (``loss_fn(params, x, label_probs, extra)``), returning the update
+  ``params_after - params`` that the client sends."""
+  if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:
+    raise UserInputError(f"simulated_update_fn: local_steps must be an integer >= 1, got {local_steps!r}")
+
+  def update_fn(x, label_probs, extra):
+    def step(p, _):
+      g = jax.grad(loss_fn)(p, x, label_probs, extra)
+      return jax.tree_util.tree_map(lambda a, b: a - learning_rate * b, p, g), None
+
+    trained, _ = jax.lax.scan(step, params, None, length=local_steps)
+    return jax.tree_util.tree_map(jnp.subtract, trained, params)
+
+  return update_fn
 
 
 def invert(gradient_fn: Callable[[jax.Array, jax.Array, PyTree], PyTree], targets: PyTree, rng: jax.Array,
