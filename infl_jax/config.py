@@ -26,7 +26,7 @@ PRESETS["nutrimouse"] = dict(task="multiomics", hidden=(64,), embed_dim=8, key_s
 PRESETS["spatial"] = dict(task="spatial", hidden=(128,), embed_dim=16, key_strength=1.0, n_clients=3, rounds=30,
                           local_epochs=5, batch_size=1024, learning_rate=1e-3, weight_decay=1e-4, dropout=0.2,
                           n_top_features=1000, checkpoint_every=20)
-PRESETS["perturbation_sim"] = dict(task="perturbation", embed_dim=32, key_strength=5.0, n_clients=3, rounds=30,
+PRESETS["perturbation_sim"] = dict(task="perturbation", embed_dim=32, key_strength=5.0, n_clients=3, rounds=60,
                                    local_epochs=1, batch_size=64, learning_rate=1e-3, weight_decay=0.0,
                                    graph_neighbors=10, checkpoint_every=10)
 GENERIC = dict(model="mlp", hidden=(256, 128), key_strength=1.0, n_clients=None, rounds=50, local_epochs=1,

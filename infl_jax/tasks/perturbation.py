@@ -13,7 +13,9 @@
   expression; prediction = control expression + change. Because the change is linear in the
   summed perturbation vector, a combination's change is the sum of its genes' changes (the
   additive prior that held-out combinations of seen genes need); pairwise interactions are not
-  modelled. (This low-rank decoder replaces GEARS's per-gene MLP on [gene, perturbation]
+  modelled. Two direct terms, with per-target-gene scales shared by all perturbations, carry over
+  to genes never perturbed in training: the perturbed gene's own change, and its spread to its
+  signed co-expression neighbours. (This low-rank decoder replaces GEARS's per-gene MLP on [gene, perturbation]
   features, which cost batch x genes x width^2 per layer: too slow for the CPU budget.)
 
 Every Dense is keyed (lambda 5 by the reference). Loss: mean squared error of the predicted
@@ -43,6 +45,10 @@ class GearsLite(nn.Module):
   pert_neighbors: np.ndarray  # [G, K] perturbation graph
   pert_weights: np.ndarray
   dim: int = 32
+  # Signed co-expression neighbourhood [G, K'] of each gene: a perturbation's direct spread to the
+  # genes co-expressed with it (None: left out).
+  spread_neighbors: np.ndarray | None = None
+  spread_weights: np.ndarray | None = None
 
   @nn.compact
   def __call__(self, inputs):
@@ -51,7 +57,9 @@ class GearsLite(nn.Module):
     pnb, pw = jnp.asarray(self.pert_neighbors), jnp.asarray(self.pert_weights)
     init = nn.initializers.normal(0.3)
     gene_emb = self.param("gene_embedding", init, (self.num_genes, self.dim))
-    pert_emb = self.param("pert_embedding", init, (self.num_genes, self.dim))
+    # Zero start: a gene never perturbed in training keeps a zero own embedding and is represented
+    # only through its graph neighbours and its gene embedding, not by untrained noise.
+    pert_emb = self.param("pert_embedding", nn.initializers.zeros, (self.num_genes, self.dim))
     h = nn.silu(nn.Dense(self.dim, name="gene_gnn_0")(mean_aggregate(gene_emb, gnb, gw)))
     h = nn.Dense(self.dim, name="gene_gnn_1")(mean_aggregate(h, gnb, gw))  # [G, D]
     p = nn.silu(nn.Dense(self.dim, name="pert_gnn_0")(mean_aggregate(pert_emb, pnb, pw) + h))
@@ -65,12 +73,25 @@ class GearsLite(nn.Module):
     # Cell state sets a response gain in [0.5, 1.5] (cell types respond with different strengths); bounded
     # away from 0 so that a saturated gain cannot switch every change off.
     gain = 1.0 + 0.5 * jnp.tanh(nn.Dense(1, name="gain_1")(nn.silu(nn.Dense(self.dim, name="gain_0")(x))))  # [B, 1]
-    return x + gain * (cell_pert @ gene_code.T)
+    change = cell_pert @ gene_code.T  # [B, G]
+    # Direct terms, per target gene and shared by all perturbations, so they carry over to genes
+    # never perturbed in training: the perturbed gene itself, and its signed co-expression spread.
+    onehot = jnp.sum(jax.nn.one_hot(perts, self.num_genes) * valid[..., None], axis=1)  # [B, G]
+    change = change + self.param("self_effect", nn.initializers.zeros, (self.num_genes,)) * onehot
+    if self.spread_neighbors is not None:
+      snb, sw = jnp.asarray(self.spread_neighbors), jnp.asarray(self.spread_weights)
+      rows = jnp.maximum(perts, 0)  # [B, P]
+      contrib = sw[rows] * valid[..., None]  # [B, P, K']
+      spread = jax.vmap(lambda idx, c: jnp.zeros((self.num_genes,), x.dtype).at[idx.reshape(-1)].add(c.reshape(-1)))(
+          snb[rows], contrib)
+      change = change + self.param("spread_effect", nn.initializers.zeros, (self.num_genes,)) * spread
+    return x + gain * change
 
 
 def make_perturbation_model(num_genes, gene_graph, pert_graph, *, dim: int = 32, key_strength: float = 5.0,
-                            variant: str = "modulation"):
-  plain = GearsLite(num_genes, gene_graph[0], gene_graph[1], pert_graph[0], pert_graph[1], dim)
+                            variant: str = "modulation", spread_graph=None):
+  spread = spread_graph if spread_graph is not None else (None, None)
+  plain = GearsLite(num_genes, gene_graph[0], gene_graph[1], pert_graph[0], pert_graph[1], dim, spread[0], spread[1])
   return keyed(plain, key_strength=key_strength, variant=variant, film_skip=("decoder_1", "gain_1"))
 
 

@@ -316,8 +316,10 @@ def train_perturbation(config: TrainConfig, workdir, key: keylib.SecretKey, *, r
   # Co-expression in control cells: the gene graph, and (no Gene Ontology offline) the perturbation graph.
   corr = np.nan_to_num(np.corrcoef(data.control.T))
   graph = sparsify_similarity(np.abs(corr), config.graph_neighbors)
+  spread_nb, _ = sparsify_similarity(np.abs(corr), 2 * config.graph_neighbors)
+  spread = (spread_nb, np.take_along_axis(corr, spread_nb, 1).astype(np.float32))
   model = make_perturbation_model(data.n_genes, graph, graph, dim=config.embed_dim,
-                                  key_strength=config.key_strength, variant=config.variant)
+                                  key_strength=config.key_strength, variant=config.variant, spread_graph=spread)
   # Each client (lab) holds its own perturbations: training conditions dealt round-robin.
   order = rng.permutation(len(data.train_conditions))
   per_client = []
