@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -93,10 +93,6 @@ def evaluate(model, variables, x, y, num_classes: int, key_coords) -> dict[str, 
   return classification_metrics(y, predict_logits(model, variables, x, key_coords), num_classes)
 
 
-def _state_to_checkpoint(state: ServerState) -> dict:
-  return state._asdict()
-
-
 def train_central(config: TrainConfig, model, split, coords, rng: jax.Array) -> dict:
   """The utility reference: the same architecture and optimizer on the pooled training data,
   for as many epochs as a federated client trains in all (rounds x local epochs).
@@ -113,6 +109,50 @@ def train_central(config: TrainConfig, model, split, coords, rng: jax.Array) -> 
   state = algo.init(init_variables(model, split.n_features, init_rng), server_rng, key_version=config.key_version)
   state, _ = jax.jit(algo.round)(state, pooled, jnp.asarray(coords))
   return evaluate(model, global_variables(state), split.test_x, split.test_y, split.n_classes, coords)
+
+
+def run_rounds(config: TrainConfig, workdir, algo: FederatedAlgorithm, state: ServerState, clients: ClientData,
+               context: Any, *, resume: bool, stop_after_round: int | None = None,
+               show_progress: bool | None = None,
+               extra_metrics: Callable[[ServerState, int], dict] | None = None):
+  """The round loop of every INFL task: rounds, metrics.jsonl, checkpoints, resume.
+
+  ``state`` is the freshly initialised server state (the template a resume restores into);
+  ``extra_metrics(state, rounds_done)`` adds e.g. validation metrics to a round's line.
+  Returns ``(state, history, seconds)``, or None when stopped after ``stop_after_round``.
+  """
+  workdir = pathlib.Path(workdir)
+  checkpointer = Checkpointer(workdir / CHECKPOINT_SUBDIR, save_every=config.checkpoint_every,
+                              keep=config.keep_checkpoints, config=config.resume_fingerprint())
+  history: list[dict] = []
+  if resume:
+    restored, extra = checkpointer.restore(state._asdict())
+    state = ServerState(**restored)
+    history = extra.get("history", [])
+  start = int(state.round)
+  writer = MetricsWriter(workdir, resume_from_step=start if resume else None)
+  round_fn = jax.jit(algo.round)
+  bar = progress(range(start, config.rounds), total=config.rounds, initial=start, desc="rounds",
+                 disable=None if show_progress is None else not show_progress)
+  t0 = time.perf_counter()
+  try:
+    for r in bar:
+      state, round_metrics = round_fn(state, clients, context)
+      row = {k: float(v) for k, v in jax.device_get(round_metrics).items()}
+      done = r + 1
+      if extra_metrics is not None:
+        row.update(extra_metrics(state, done))
+      bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_loss", "val_accuracy") if k in row})
+      writer.write(done, row)
+      history.append({"round": done, **row})
+      checkpointer.save(done, state._asdict(), extra={"history": history},
+                        force=(done == config.rounds or done == stop_after_round))
+      if stop_after_round is not None and done >= stop_after_round:
+        return None
+  finally:
+    writer.close()
+    checkpointer.close()
+  return state, history, time.perf_counter() - t0
 
 
 def train_and_evaluate(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = False,
@@ -135,42 +175,20 @@ def train_and_evaluate(config: TrainConfig, workdir, key: keylib.SecretKey, *, r
   init_rng, server_rng, central_rng = jax.random.split(rng, 3)
   state = algo.init(init_variables(model, split.n_features, init_rng), server_rng, key_version=config.key_version)
 
-  checkpointer = Checkpointer(workdir / CHECKPOINT_SUBDIR, save_every=config.checkpoint_every,
-                              keep=config.keep_checkpoints, config=config.resume_fingerprint())
-  history: list[dict] = []
-  if resume:
-    restored, extra = checkpointer.restore(_state_to_checkpoint(state))
-    state = ServerState(**restored)
-    history = extra.get("history", [])
-  start_round = int(state.round)
-  writer = MetricsWriter(workdir, resume_from_step=start_round if resume else None)
-
-  round_fn = jax.jit(algo.round)
   eval_logits = jax.jit(lambda v, x: model.apply(v, x, key_coords=coords, train=False))
   val_x, val_y = jnp.asarray(split.val_x, jnp.float32), split.val_y
 
-  bar = progress(range(start_round, config.rounds), total=config.rounds, initial=start_round, desc="rounds",
-                 disable=None if show_progress is None else not show_progress)
-  t0 = time.perf_counter()
-  for r in bar:
-    state, round_metrics = round_fn(state, clients, coords)
-    row = {k: float(v) for k, v in jax.device_get(round_metrics).items()}
-    done = r + 1
-    if done % config.eval_every == 0 or done == config.rounds:
-      logits = np.asarray(eval_logits(global_variables(state), val_x))
-      row.update({f"val_{k}": v for k, v in classification_metrics(val_y, logits, split.n_classes).items()})
-      bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{row['val_accuracy']:.3f}")
-    writer.write(done, row)
-    history.append({"round": done, **row})
-    checkpointer.save(done, _state_to_checkpoint(state), extra={"history": history},
-                      force=(done == config.rounds or done == stop_after_round))
-    if stop_after_round is not None and done >= stop_after_round:
-      writer.close()
-      checkpointer.close()
-      return {"stopped_after_round": done}
-  writer.close()
-  checkpointer.close()
-  train_seconds = time.perf_counter() - t0
+  def validation_metrics(state: ServerState, done: int) -> dict:
+    if done % config.eval_every and done != config.rounds:
+      return {}
+    logits = np.asarray(eval_logits(global_variables(state), val_x))
+    return {f"val_{k}": v for k, v in classification_metrics(val_y, logits, split.n_classes).items()}
+
+  out = run_rounds(config, workdir, algo, state, clients, coords, resume=resume, stop_after_round=stop_after_round,
+                   show_progress=show_progress, extra_metrics=validation_metrics)
+  if out is None:
+    return {"stopped_after_round": stop_after_round}
+  state, _, train_seconds = out
 
   variables = global_variables(state)
   test = {name: evaluate(model, variables, split.test_x, split.test_y, split.n_classes, c)

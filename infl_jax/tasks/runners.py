@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from infl_jax import keys as keylib
-from infl_jax.common.checkpoint import Checkpointer
-from infl_jax.common.cli import CHECKPOINT_SUBDIR, UserInputError, progress
-from infl_jax.common.metrics_log import MetricsWriter, write_json_atomic
+from infl_jax.common.cli import UserInputError
+from infl_jax.common.metrics_log import write_json_atomic
 from infl_jax.config import TrainConfig
-from infl_jax.federated import ClientData, ServerState, fedavg, server_optimizer, stack_clients
-from infl_jax.train import create_client_optimizer, evaluation_keys, global_variables
+from infl_jax.federated import ClientData, fedavg, server_optimizer, stack_clients
+from infl_jax.train import create_client_optimizer, evaluation_keys, global_variables, run_rounds
 
 TASKS = ("classification", "multiomics", "spatial", "perturbation")
 
@@ -42,37 +40,10 @@ def _algorithm(config: TrainConfig, task, batch_size: int):
 def run_federated(config: TrainConfig, workdir: pathlib.Path, algo, variables, clients: ClientData, coords,
                   *, resume: bool, stop_after_round: int | None = None, show_progress: bool | None = None,
                   rng: jax.Array):
-  """The round loop with checkpoints and metrics.jsonl; returns (state, history, seconds) or None if stopped."""
+  """Initialises the server state and runs ``infl_jax.train.run_rounds``; returns its result."""
   state = algo.init(variables, rng, key_version=config.key_version)
-  checkpointer = Checkpointer(workdir / CHECKPOINT_SUBDIR, save_every=config.checkpoint_every,
-                              keep=config.keep_checkpoints, config=config.resume_fingerprint())
-  history: list[dict] = []
-  if resume:
-    restored, extra = checkpointer.restore(state._asdict())
-    state = ServerState(**restored)
-    history = extra.get("history", [])
-  start = int(state.round)
-  writer = MetricsWriter(workdir, resume_from_step=start if resume else None)
-  round_fn = jax.jit(algo.round)
-  bar = progress(range(start, config.rounds), total=config.rounds, initial=start, desc="rounds",
-                 disable=None if show_progress is None else not show_progress)
-  t0 = time.perf_counter()
-  for r in bar:
-    state, metrics = round_fn(state, clients, coords)
-    row = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    done = r + 1
-    bar.set_postfix(loss=f"{row['train_loss']:.4f}")
-    writer.write(done, row)
-    history.append({"round": done, **row})
-    checkpointer.save(done, state._asdict(), extra={"history": history},
-                      force=(done == config.rounds or done == stop_after_round))
-    if stop_after_round is not None and done >= stop_after_round:
-      writer.close()
-      checkpointer.close()
-      return None
-  writer.close()
-  checkpointer.close()
-  return state, history, time.perf_counter() - t0
+  return run_rounds(config, workdir, algo, state, clients, coords, resume=resume, stop_after_round=stop_after_round,
+                    show_progress=show_progress)
 
 
 def _check_key(config: TrainConfig, key: keylib.SecretKey):
