@@ -5,23 +5,31 @@ A federated algorithm is a pair of pure functions, like an optax transformation:
     algo = fedavg(task, client_optimizer=optax.adam(5e-4), batch_size=100)
     server_state = algo.init(variables, rng)
     server_state, metrics = jax.jit(algo.round)(server_state, clients, context)
+
+Across devices, the same round takes ``shard_clients(clients, client_mesh())`` instead of
+``clients`` (see ``sharding.py``).
 """
 
 from infl_jax.federated.aggregate import weighted_mean
 from infl_jax.federated.client_data import ClientData, stack_clients
 from infl_jax.federated.engine import FederatedAlgorithm, ServerState, fedavg, server_optimizer
 from infl_jax.federated.local import LocalConfig, client_update
+from infl_jax.federated.sharding import CLIENT_AXIS, ShardedClientData, client_mesh, shard_clients
 from infl_jax.federated.task import Task
 
 __all__ = [
+    "CLIENT_AXIS",
     "ClientData",
     "FederatedAlgorithm",
     "LocalConfig",
     "ServerState",
+    "ShardedClientData",
     "Task",
+    "client_mesh",
     "client_update",
     "fedavg",
     "server_optimizer",
+    "shard_clients",
     "stack_clients",
     "weighted_mean",
 ]

@@ -10,6 +10,11 @@ Order inside a round (all on device):
      the server optimizer (FedAvg: SGD with lr 1); model state such as BatchNorm
      statistics is averaged with the same weights.
 
+The same round runs with the client axis split across devices when it is given
+``shard_clients(clients, mesh)`` instead of ``clients`` (``sharding.py``): sampling, keys,
+weights and the server update are shared; only the client loop runs per device, its sums
+``psum``-ed.
+
 Two optional hooks make privacy mechanisms such as DP-FedAvg a training mode without a
 second engine: ``update_transform(delta, rng, context) -> delta`` runs on each client's
 parameter update before aggregation (e.g. clipping), and
@@ -30,6 +35,7 @@ import optax
 from infl_jax.federated.aggregate import weighted_sum
 from infl_jax.federated.client_data import ClientData
 from infl_jax.federated.local import LocalConfig, client_update
+from infl_jax.federated.sharding import ShardedClientData, sharded_update_sums
 from infl_jax.federated.task import Task
 
 PyTree = Any
@@ -49,6 +55,32 @@ class ServerState(NamedTuple):
   round: jax.Array  # int32, rounds completed
   rng: jax.Array  # uint32 raw key data (checkpointable); round r uses fold_in(rng, r)
   key_version: jax.Array  # int32, the only version whose updates are accepted
+
+
+class _RoundKeys(NamedTuple):
+  """A round's PRNG streams, all from ``fold_in(run key, round)``."""
+
+  sample: jax.Array
+  train: jax.Array  # client k trains with fold_in(train, k)
+  transform: jax.Array  # update_transform hook, client k: fold_in(transform, k)
+  noise: jax.Array  # aggregate_noise hook
+
+
+def _round_keys(state: ServerState) -> _RoundKeys:
+  round_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.round)
+  sample_rng, train_rng = jax.random.split(round_rng)
+  return _RoundKeys(sample=sample_rng, train=train_rng, transform=jax.random.fold_in(round_rng, _TRANSFORM_STREAM),
+                    noise=jax.random.fold_in(round_rng, _NOISE_STREAM))
+
+
+class _UpdateSums(NamedTuple):
+  """Weighted sums over a set of clients; sums over disjoint sets add up (the sharded round psums them)."""
+
+  delta: PyTree  # sum_k w_k (params_k - params)
+  model_state: PyTree  # sum_k w_k model_state_k
+  loss: jax.Array  # sum_k w_k loss_k
+  weight: jax.Array  # sum_k w_k (w_k = 0 for rejected or padding slots)
+  num_accepted: jax.Array  # int32
 
 
 class FederatedAlgorithm(NamedTuple):
@@ -99,42 +131,41 @@ def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
                        round=jnp.int32(0), rng=jnp.asarray(rng_data, jnp.uint32),
                        key_version=jnp.int32(key_version))
 
-  def round_fn(state: ServerState, clients: ClientData, context: Any = None):
-    num_clients = clients.num_clients
-    num_sampled = max(1, round(client_fraction * num_clients))
-    round_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.round)
-    sample_rng, train_rng = jax.random.split(round_rng)
-    transform_rng = jax.random.fold_in(round_rng, _TRANSFORM_STREAM)
-    noise_rng = jax.random.fold_in(round_rng, _NOISE_STREAM)
-    if num_sampled < num_clients:
-      sampled = jnp.sort(jax.random.choice(sample_rng, num_clients, (num_sampled,), replace=False))
-    else:
-      sampled = jnp.arange(num_clients)
+  def update_sums(clients: ClientData, rows: jax.Array, ids: jax.Array, valid: jax.Array,
+                  state: ServerState, keys: _RoundKeys, context: Any) -> _UpdateSums:
+    """Trains the clients in ``rows`` of ``clients`` and sums their weighted updates.
 
-    chunk = min(client_chunk_size or num_sampled, num_sampled)
-    num_chunks = math.ceil(num_sampled / chunk)
-    slots = num_chunks * chunk
-    valid = jnp.arange(slots) < num_sampled
-    sampled = jnp.pad(sampled, (0, slots - num_sampled))
+    ``ids`` are the clients' indices in the whole federation (their PRNG streams derive from
+    them, so a client trains the same wherever its data sits); ``valid`` marks real slots.
+    The single-device round passes the sampled clients as both ``rows`` and ``ids``; the
+    sharded round (``sharding.py``) each device's share, with rows local to its shard.
+    """
+    num_slots = rows.shape[0]
+    chunk = min(client_chunk_size or num_slots, num_slots)
+    num_chunks = math.ceil(num_slots / chunk)
+    padding = num_chunks * chunk - num_slots
+    valid = jnp.pad(valid, (0, padding))
+    rows = jnp.pad(rows, (0, padding))
+    ids = jnp.pad(ids, (0, padding))
 
-    n_k = clients.num_samples[sampled].astype(jnp.float32)
+    n_k = clients.num_samples[rows].astype(jnp.float32)
     base = n_k if weighting == "samples" else jnp.ones_like(n_k)
-    accepted = valid & (clients.key_version[sampled] == state.key_version)
+    accepted = valid & (clients.key_version[rows] == state.key_version)
     weights = jnp.where(accepted, base, 0.0)
 
-    def train_one(client_index):
-      data = jax.tree_util.tree_map(lambda x: x[client_index], clients.data)
-      client_rng = jax.random.fold_in(train_rng, client_index)
+    def train_one(row, client_id):
+      data = jax.tree_util.tree_map(lambda x: x[row], clients.data)
+      client_rng = jax.random.fold_in(keys.train, client_id)
       return client_update(task, client_optimizer, local, state.params, state.model_state, data,
-                           clients.num_samples[client_index], client_rng, context)
+                           clients.num_samples[row], client_rng, context)
 
     def train_chunk(sums, chunk_xs):
-      indices, w = chunk_xs
-      params_k, model_state_k, loss_k = jax.vmap(train_one)(indices)
+      chunk_rows, chunk_ids, w = chunk_xs
+      params_k, model_state_k, loss_k = jax.vmap(train_one)(chunk_rows, chunk_ids)
       delta_k = jax.tree_util.tree_map(lambda p, g: p - g, params_k, state.params)
       if update_transform is not None:
-        delta_k = jax.vmap(lambda d, i: update_transform(d, jax.random.fold_in(transform_rng, i), context))(
-            delta_k, indices)
+        delta_k = jax.vmap(lambda d, i: update_transform(d, jax.random.fold_in(keys.transform, i), context))(
+            delta_k, chunk_ids)
       sum_delta, sum_state, sum_loss = sums
       sums = (jax.tree_util.tree_map(jnp.add, sum_delta, weighted_sum(delta_k, w)),
               jax.tree_util.tree_map(jnp.add, sum_state, weighted_sum(model_state_k, w)),
@@ -143,19 +174,22 @@ def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
 
     zeros = lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree)
     init_sums = (zeros(state.params), zeros(state.model_state), jnp.float32(0.0))
-    xs = (sampled.reshape(num_chunks, chunk), weights.reshape(num_chunks, chunk))
-    (sum_delta, sum_state, sum_loss), _ = jax.lax.scan(train_chunk, init_sums, xs)
+    as_chunks = lambda a: a.reshape(num_chunks, chunk)
+    (sum_delta, sum_state, sum_loss), _ = jax.lax.scan(
+        train_chunk, init_sums, (as_chunks(rows), as_chunks(ids), as_chunks(weights)))
+    return _UpdateSums(delta=sum_delta, model_state=sum_state, loss=sum_loss, weight=jnp.sum(weights),
+                       num_accepted=jnp.sum(accepted).astype(jnp.int32))
 
-    total = jnp.sum(weights)
-    any_accepted = total > 0
-    safe_total = jnp.where(any_accepted, total, 1.0)
-    mean_delta = jax.tree_util.tree_map(lambda s: s / safe_total, sum_delta)
+  def server_update(state: ServerState, sums: _UpdateSums, num_sampled: int, keys: _RoundKeys, context: Any):
+    any_accepted = sums.weight > 0
+    safe_total = jnp.where(any_accepted, sums.weight, 1.0)
+    mean_delta = jax.tree_util.tree_map(lambda s: s / safe_total, sums.delta)
     if aggregate_noise is not None:
-      mean_delta = aggregate_noise(mean_delta, noise_rng, jnp.sum(accepted).astype(jnp.int32), context)
+      mean_delta = aggregate_noise(mean_delta, keys.noise, sums.num_accepted, context)
     pseudo_grad = jax.tree_util.tree_map(jnp.negative, mean_delta)
     updates, new_opt_state = server_opt.update(pseudo_grad, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    new_model_state = jax.tree_util.tree_map(lambda s: s / safe_total, sum_state)
+    new_model_state = jax.tree_util.tree_map(lambda s: s / safe_total, sums.model_state)
 
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(any_accepted, a, b), new, old)
     new_state = ServerState(
@@ -167,10 +201,24 @@ def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
         key_version=state.key_version,
     )
     metrics = {
-        "train_loss": sum_loss / safe_total,
+        "train_loss": sums.loss / safe_total,
         "num_sampled": jnp.int32(num_sampled),
-        "num_accepted": jnp.sum(accepted).astype(jnp.int32),
+        "num_accepted": sums.num_accepted,
     }
     return new_state, metrics
+
+  def round_fn(state: ServerState, clients: ClientData | ShardedClientData, context: Any = None):
+    num_clients = clients.num_clients
+    num_sampled = max(1, round(client_fraction * num_clients))
+    keys = _round_keys(state)
+    if num_sampled < num_clients:
+      sampled = jnp.sort(jax.random.choice(keys.sample, num_clients, (num_sampled,), replace=False))
+    else:
+      sampled = jnp.arange(num_clients)
+    if isinstance(clients, ShardedClientData):
+      sums = sharded_update_sums(update_sums, clients, sampled, state, keys, context)
+    else:
+      sums = update_sums(clients, sampled, sampled, jnp.ones(num_sampled, bool), state, keys, context)
+    return server_update(state, sums, num_sampled, keys, context)
 
   return FederatedAlgorithm(init=init, round=round_fn)
