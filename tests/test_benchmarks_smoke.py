@@ -1,0 +1,75 @@
+"""Smoke tests of the benchmark scripts under benchmarks/: CPU-sized runs, real checks of their JSON."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load_benchmark(name: str):
+  spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", REPO / "benchmarks" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_infl_round_benchmark_small(tmp_path):
+  out = tmp_path / "infl_round.json"
+  # A subprocess, so --small's fast-compile XLA flag takes effect (XLA reads flags when it starts).
+  # SGD clients let the vmap/jit-loop check reuse the timed rounds' compiled functions; one
+  # residual block (BatchNorm included) keeps the three compiles CPU-sized.
+  command = [sys.executable, str(REPO / "benchmarks" / "infl_round.py"), "--small", "--no-torch", "--clients", "2",
+             "--num-blocks", "1", "--client-optimizer", "sgd", "--local-epochs", "1", "--large-clients", "5",
+             "--large-chunk", "2",
+             "--out", str(out)]
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+  completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  printed = json.loads(completed.stdout)
+  saved = json.loads(out.read_text())
+  assert printed["results"] == saved["results"]
+  assert saved["errors"] == [], saved["errors"]
+  assert saved["synthetic_data"] is True
+
+  for count in ("2",):
+    row = saved["results"][count]
+    for method in ("vmap", "jit_loop"):
+      assert row[method]["rounds_per_s"] > 0
+      assert row[method]["seconds_per_round"] > 0
+    assert row["vmap"]["compile_s"] > 0
+    assert row["torch_loop"] == {"skipped": "--no-torch or INFL_BENCH_NO_TORCH set"}
+    assert row["ratio_vmap_over_jit_loop"] == pytest.approx(
+        row["vmap"]["rounds_per_s"] / row["jit_loop"]["rounds_per_s"])
+    assert row["ratio_vmap_over_torch"] is None
+  assert [r["clients"] for r in saved["table"]] == [2]
+
+  # The jit loop reproduces the vmapped round: same clients, same PRNG streams, same average.
+  check = saved["check"]
+  assert check["allclose"] is True
+  assert check["max_abs_diff_params"] < 1e-5
+  assert check["max_abs_param_change_in_round"] > 100 * check["max_abs_diff_params"]  # the round did move
+
+  large = saved["large_round"]
+  assert large["success"] is True, large
+  assert (large["clients"], large["client_chunk_size"]) == (5, 2)  # a ragged last chunk
+  assert large["round_s"] > 0 and large["params_finite"] is True
+
+
+def test_infl_round_torch_reference_has_our_parameter_count():
+  torch = pytest.importorskip("torch")
+  bench = _load_benchmark("infl_round")
+  cfg = bench.BenchConfig(**bench.SMALL)
+  work = bench.build_workload(cfg)
+  reference = bench.torch_reference_model(torch, cfg)
+  assert sum(p.numel() for p in reference.parameters()) == bench.param_count(work.variables["params"])
+  buffers = sum(b.numel() for name, b in reference.named_buffers() if not name.endswith("num_batches_tracked"))
+  assert buffers == bench.param_count(work.variables["batch_stats"])
+  logits = reference(torch.zeros(5, cfg.features), torch.as_tensor(work.coords_np))
+  assert tuple(logits.shape) == (5, cfg.num_classes)
