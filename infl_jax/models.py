@@ -8,15 +8,22 @@ Every model here runs as::
 ``key_coords=None`` runs the un-keyed path (plain W, b, no FiLM). The plain classes
 (``PlainProteomicsNet``, ``PlainMLPClassifier``) are ordinary Flax models; their variables copy
 into the keyed ones with ``infl_jax.keyed.copy_plain_params``.
+
+Mixed precision (``dtype="bfloat16"`` in the factories): the hidden Dense layers, FiLM's matmuls
+and the activations run in bfloat16; parameters (the master weights the optimizer updates),
+BatchNorm statistics, the key path and the output layer stay float32, so logits and the loss
+are float32.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
+from infl_jax.keyed._params import compute_dtype
 from infl_jax.keyed.transform import KeyedModel, keyed
 
 # Reference settings for the proteomics cohort task (DESIGN.md section 3).
@@ -26,13 +33,20 @@ BATCH_NORM_MOMENTUM = 0.9  # PyTorch's momentum 0.1 in Flax's convention
 BATCH_NORM_EPSILON = 1e-5
 
 
-def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
+def _batch_norm(train: bool, name: str, dtype: Any = None) -> nn.BatchNorm:
+  # Flax reduces BatchNorm statistics in float32 whatever ``dtype`` (the output's) is.
   return nn.BatchNorm(
       use_running_average=not train,
       momentum=BATCH_NORM_MOMENTUM,
       epsilon=BATCH_NORM_EPSILON,
+      dtype=dtype,
       name=name,
   )
+
+
+def _head_dtype(dtype: Any) -> Any:
+  # The output layer computes in float32 under mixed precision: logits feed softmax and the loss.
+  return None if dtype is None else jnp.float32
 
 
 def _row_mask(mask: jax.Array | None) -> jax.Array | None:
@@ -57,14 +71,15 @@ class ResidualBlock(nn.Module):
 
   features: int
   dropout_rate: float = PROTEOMICS_DROPOUT
+  dtype: Any = None  # compute dtype (None: float32); parameters stay float32
 
   @nn.compact
   def __call__(self, h: jax.Array, train: bool = False, mask: jax.Array | None = None) -> jax.Array:
-    y = nn.Dense(self.features, name="dense_0")(h)
-    y = nn.relu(_batch_norm(train, "bn_0")(y, mask=_row_mask(mask)))
+    y = nn.Dense(self.features, dtype=self.dtype, name="dense_0")(h)
+    y = nn.relu(_batch_norm(train, "bn_0", self.dtype)(y, mask=_row_mask(mask)))
     y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
-    y = nn.Dense(self.features, name="dense_1")(y)
-    return nn.relu(_batch_norm(train, "bn_out")(h + y, mask=_row_mask(mask)))
+    y = nn.Dense(self.features, dtype=self.dtype, name="dense_1")(y)
+    return nn.relu(_batch_norm(train, "bn_out", self.dtype)(h + y, mask=_row_mask(mask)))
 
 
 class PlainProteomicsNet(nn.Module):
@@ -78,17 +93,18 @@ class PlainProteomicsNet(nn.Module):
   bottleneck: int = 32
   num_blocks: int = 2
   dropout_rate: float = PROTEOMICS_DROPOUT
+  dtype: Any = None  # compute dtype (None: float32); parameters stay float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None) -> jax.Array:
     """``mask`` [B]: real samples (True) versus padding, kept out of BatchNorm statistics."""
     _check_input(x, type(self).__name__)
-    h = nn.Dense(self.hidden, name="embed")(x)
+    h = nn.Dense(self.hidden, dtype=self.dtype, name="embed")(x)
     for i in range(self.num_blocks):
-      h = ResidualBlock(self.hidden, self.dropout_rate, name=f"block_{i}")(h, train, mask)
-    h = nn.relu(nn.Dense(self.bottleneck, name="bottleneck")(h))
+      h = ResidualBlock(self.hidden, self.dropout_rate, self.dtype, name=f"block_{i}")(h, train, mask)
+    h = nn.relu(nn.Dense(self.bottleneck, dtype=self.dtype, name="bottleneck")(h))
     h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
-    return nn.Dense(self.num_classes, name="head")(h)
+    return nn.Dense(self.num_classes, dtype=_head_dtype(self.dtype), name="head")(h)
 
 
 class PlainMLPClassifier(nn.Module):
@@ -98,6 +114,7 @@ class PlainMLPClassifier(nn.Module):
   num_classes: int
   use_batch_norm: bool = False
   dropout_rate: float = 0.0
+  dtype: Any = None  # compute dtype (None: float32); parameters stay float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None) -> jax.Array:
@@ -105,13 +122,13 @@ class PlainMLPClassifier(nn.Module):
     _check_input(x, type(self).__name__)
     h = x
     for i, size in enumerate(self.hidden_sizes):
-      h = nn.Dense(size, name=f"dense_{i}")(h)
+      h = nn.Dense(size, dtype=self.dtype, name=f"dense_{i}")(h)
       if self.use_batch_norm:
-        h = _batch_norm(train, f"bn_{i}")(h, mask=_row_mask(mask))
+        h = _batch_norm(train, f"bn_{i}", self.dtype)(h, mask=_row_mask(mask))
       h = nn.relu(h)
       if self.dropout_rate > 0:
         h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
-    return nn.Dense(self.num_classes, name="head")(h)
+    return nn.Dense(self.num_classes, dtype=_head_dtype(self.dtype), name="head")(h)
 
 
 def _check_sizes(num_classes: int, **sizes: int) -> None:
@@ -135,13 +152,17 @@ def make_proteomics_net(
     dropout_rate: float = PROTEOMICS_DROPOUT,
     film: bool = True,
     variant: str = "modulation",
+    dtype: Any = None,
 ) -> KeyedModel:
-  """The keyed reference proteomics network: every Dense keyed, FiLM after all but ``head``."""
+  """The keyed reference proteomics network: every Dense keyed, FiLM after all but ``head``.
+
+  ``dtype``: compute dtype, None/"float32" or "bfloat16" (mixed precision, see the module doc).
+  """
   _check_sizes(num_classes, hidden=hidden, bottleneck=bottleneck)
   if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
     raise ValueError(f"num_blocks must be an integer >= 0, got {num_blocks!r}")
   _check_rate(dropout_rate)
-  plain = PlainProteomicsNet(num_classes, hidden, bottleneck, num_blocks, dropout_rate)
+  plain = PlainProteomicsNet(num_classes, hidden, bottleneck, num_blocks, dropout_rate, compute_dtype(dtype))
   return keyed(
       plain, key_strength=key_strength, film=film, variant=variant, film_skip=("head",)
   )
@@ -156,12 +177,16 @@ def make_mlp_classifier(
     dropout_rate: float = 0.0,
     film: bool = True,
     variant: str = "modulation",
+    dtype: Any = None,
 ) -> KeyedModel:
-  """A keyed MLP classifier with configurable hidden sizes; FiLM after all but ``head``."""
+  """A keyed MLP classifier with configurable hidden sizes; FiLM after all but ``head``.
+
+  ``dtype``: compute dtype, None/"float32" or "bfloat16" (mixed precision, see the module doc).
+  """
   hidden_sizes = tuple(hidden_sizes)
   _check_sizes(num_classes, **{f"hidden_sizes[{i}]": s for i, s in enumerate(hidden_sizes)})
   _check_rate(dropout_rate)
-  plain = PlainMLPClassifier(hidden_sizes, num_classes, use_batch_norm, dropout_rate)
+  plain = PlainMLPClassifier(hidden_sizes, num_classes, use_batch_norm, dropout_rate, compute_dtype(dtype))
   return keyed(
       plain, key_strength=key_strength, film=film, variant=variant, film_skip=("head",)
   )

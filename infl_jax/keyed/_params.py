@@ -22,16 +22,45 @@ Params = dict[str, Any]
 LAYER_NORM_EPSILON = 1e-5
 
 
-def linear(params: Params, x: jax.Array) -> jax.Array:
-  """``x @ kernel + bias`` with a Flax-layout kernel ``[in, out]``."""
-  return jnp.dot(x, params["kernel"]) + params["bias"]
+def linear(params: Params, x: jax.Array, dtype: Any = None) -> jax.Array:
+  """``x @ kernel + bias`` with a Flax-layout kernel ``[in, out]``.
+
+  ``dtype``: compute dtype (e.g. bfloat16) that ``x`` and the float32 parameters are cast to;
+  None computes in the inputs' promoted dtype.
+  """
+  if dtype is None:
+    return jnp.dot(x, params["kernel"]) + params["bias"]
+  return jnp.dot(x.astype(dtype), params["kernel"].astype(dtype)) + params["bias"].astype(dtype)
 
 
 def layer_norm(params: Params, x: jax.Array, epsilon: float = LAYER_NORM_EPSILON) -> jax.Array:
-  """LayerNorm over the last axis with a learned ``scale`` and ``bias``."""
-  mean = jnp.mean(x, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + epsilon) * params["scale"] + params["bias"]
+  """LayerNorm over the last axis with a learned ``scale`` and ``bias``.
+
+  Statistics are computed in float32 at least (a bfloat16 variance loses the small
+  differences it normalises); the result has ``x``'s dtype.
+  """
+  stats_dtype = jnp.promote_types(x.dtype, jnp.float32)
+  h = x.astype(stats_dtype)
+  mean = jnp.mean(h, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
+  return ((h - mean) * jax.lax.rsqrt(var + epsilon) * params["scale"] + params["bias"]).astype(x.dtype)
+
+
+def compute_dtype(dtype: Any) -> Any:
+  """Normalises a compute dtype argument: None or float32 -> None (full precision, no casts);
+  bfloat16/float16 (as a dtype or its name) -> that dtype. Raises ``ValueError`` otherwise."""
+  if dtype is None:
+    return None
+  try:
+    resolved = jnp.dtype(dtype)
+  except TypeError as error:
+    raise ValueError(f"unknown compute dtype {dtype!r}; use None/'float32' or 'bfloat16'") from error
+  if resolved == jnp.float32:
+    return None
+  if resolved not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    raise ValueError(f"compute dtype must be float32, bfloat16 or float16, got {resolved}; parameters stay "
+                     "float32 in every case")
+  return resolved
 
 
 # The INR path's hidden layers use PyTorch's nn.Linear default initialisation, as the reference

@@ -11,7 +11,7 @@ kernel, i.e. ``y = (x @ kernel) * (1 + lambda*tanh s) + b + lambda*tanh t``.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -89,6 +89,10 @@ class KeyedDense(nn.Module):
   ``{"kernel": [in, out], "bias": [out], "key_mod": {"V1", "norm", "V2"}}``; ``kernel``/``bias``
   are laid out like ``nn.Dense`` so plain weights can be copied in. Initialising with ``k=None``
   still creates the ``key_mod`` parameters.
+
+  ``dtype``: compute dtype of ``x @ W`` (e.g. bfloat16; parameters stay float32). The key path
+  ``(s, t)`` and the modulation stay in float32 (per layer, not per sample, and lambda amplifies
+  their rounding); the output has the compute dtype.
   """
 
   features: int
@@ -97,15 +101,22 @@ class KeyedDense(nn.Module):
   key_hidden: int = KEY_HIDDEN
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, k: jax.Array | None = None) -> jax.Array:
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
     bias = self.param("bias", self.bias_init, (self.features,))
     modulation = KeyModulation(self.features, self.key_dim, self.key_hidden, name="key_mod")
+    if k is None and self.is_initializing():  # create the INR parameters even when initialised key-less
+      modulation(jnp.zeros((self.key_dim,), jnp.float32))
+    if self.dtype is None:
+      if k is None:
+        return jnp.dot(x, kernel) + bias
+      s, t = modulation(k)
+      return keyed_dense_apply(x, kernel, bias, s, t, self.key_strength)
+    y_plain = linear({"kernel": kernel, "bias": bias}, x, self.dtype)
     if k is None:
-      if self.is_initializing():  # create the INR parameters even when initialised key-less
-        modulation(jnp.zeros((self.key_dim,), x.dtype))
-      return jnp.dot(x, kernel) + bias
+      return y_plain
     s, t = modulation(k)
-    return keyed_dense_apply(x, kernel, bias, s, t, self.key_strength)
+    return modulate_dense_output(y_plain.astype(jnp.float32), bias, s, t, self.key_strength).astype(self.dtype)

@@ -13,7 +13,7 @@ film=True)`` adds the key-dependent FiLM on top.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -73,7 +73,8 @@ class PositionalDense(nn.Module):
   """Dense layer plus the positional INR bias; ``__call__(x, use_inr=True)``.
 
   Parameters ``{"kernel", "bias", "pos_bias": {"L1", "L2", "L3"}}``; ``use_inr=False`` runs
-  ``W x + b`` only (initialisation still creates ``pos_bias``).
+  ``W x + b`` only (initialisation still creates ``pos_bias``). ``dtype``: compute dtype of
+  ``x @ W`` (parameters stay float32; ``delta`` is computed in float32, then cast).
   """
 
   features: int
@@ -81,14 +82,18 @@ class PositionalDense(nn.Module):
   num_frequencies: int = NUM_FREQUENCIES
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, use_inr: bool = True) -> jax.Array:
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
     bias = self.param("bias", self.bias_init, (self.features,))
     delta_module = PositionalBias(self.features, self.hidden, self.num_frequencies, name="pos_bias")
+    if self.dtype is not None:
+      kernel, bias, x = kernel.astype(self.dtype), bias.astype(self.dtype), x.astype(self.dtype)
     if not use_inr:
       if self.is_initializing():
         delta_module()
       return jnp.dot(x, kernel) + bias
-    return positional_dense_apply(x, kernel, bias, delta_module())
+    delta = delta_module()
+    return positional_dense_apply(x, kernel, bias, delta if self.dtype is None else delta.astype(self.dtype))

@@ -55,6 +55,11 @@ def _path_str(path: Sequence[str]) -> str:
   return "/".join(path)
 
 
+def _low_precision(dtype) -> Any:
+  """A Dense's compute dtype if it is below float32 (bfloat16, float16), else None."""
+  return dtype if dtype is not None and jnp.dtype(dtype).itemsize < 4 else None
+
+
 class KeyedModel(nn.Module):
   """A user's Flax model with every ``nn.Dense`` keyed. Build it with ``keyed(...)``.
 
@@ -62,6 +67,10 @@ class KeyedModel(nn.Module):
   user's model. ``key_coords``: the secret key's coordinates ``[M, 2]`` (or a ``SecretKey``);
   ``None`` runs the model without the INR path (plain ``W, b``, no FiLM, key encoder unused).
   ``init`` always creates every INR parameter, whether or not it gets ``key_coords``.
+
+  Mixed precision comes from the user's model: a ``nn.Dense(dtype=jnp.bfloat16)`` computes in
+  bfloat16, its FiLM's matmuls follow, and the key path (encoder, ``s``, ``t``) and the
+  modulation stay float32; every parameter stays float32.
   """
 
   model: nn.Module
@@ -117,7 +126,10 @@ class KeyedModel(nn.Module):
             dense.features, self.positional_hidden, name="pos_bias", parent=dense
         )()
       if self.film and _path_str(dense.path[prefix_len:]) not in film_skip:
-        y = FiLM(self.key_strength, self.key_dim, self.film_hidden, name="film", parent=dense)(y, k)
+        # FiLM's matmuls follow the Dense's compute dtype (e.g. a bfloat16 model); the key path
+        # (k, s, t) stays float32.
+        y = FiLM(self.key_strength, self.key_dim, self.film_hidden, dtype=_low_precision(dense.dtype),
+                 name="film", parent=dense)(y, k)
       return y.astype(y_plain.dtype) if use_inr else y_plain
 
     with nn.intercept_methods(key_dense):
