@@ -69,6 +69,8 @@ class TrainConfig:
   embed_dim: int = 16  # clustering tasks: size of the learned embedding
   cluster_method: str = "kmeans"  # clustering tasks: "kmeans" or "leiden"
   graph_neighbors: int = 6  # spatial task: neighbours per spot in the spatial graph
+  compute_dtype: str = "float32"  # "bfloat16": mixed precision (bf16 compute, float32 parameters); classification
+  shard_clients: bool = False  # split the clients over all local devices (infl_jax/federated/sharding.py)
 
   @classmethod
   def for_dataset(cls, dataset: str, **overrides) -> "TrainConfig":
@@ -84,10 +86,14 @@ class TrainConfig:
     """Settings a resumed run must share with the run that wrote the checkpoint.
 
     ``rounds`` is left out so a finished run can be extended; nothing about the key
-    but its version is included, since the server never holds key material.
+    but its version is included, since the server never holds key material. Sharding is left
+    out (it changes where clients train, not the result); the compute dtype is left out at its
+    default, so checkpoints written before it existed still resume.
     """
     d = dataclasses.asdict(self)
     for k in ("rounds", "key_seed", "key_mode", "eval_every", "checkpoint_every", "keep_checkpoints",
-              "central_baseline"):
+              "central_baseline", "shard_clients"):
       d.pop(k)
+    if d["compute_dtype"] == "float32":
+      d.pop("compute_dtype")
     return d

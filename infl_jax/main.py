@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--embed-dim", type=int, help="clustering tasks: size of the learned embedding")
   p.add_argument("--cluster-method", choices=["kmeans", "leiden"], help="clustering tasks: how embeddings are clustered")
   p.add_argument("--graph-neighbors", type=int, help="spatial: neighbours per spot; perturbation: co-expression neighbours per gene")
+  p.add_argument("--bf16", dest="compute_dtype", action="store_const", const="bfloat16",
+                 help="mixed precision: bfloat16 compute, float32 parameters, BatchNorm statistics and loss "
+                      "(classification)")
+  p.add_argument("--shard-clients", dest="shard_clients", action="store_const", const=True,
+                 help="split the clients over all local devices (one round, each device training its share)")
   p.add_argument("--workdir", required=True, help="folder for checkpoints, metrics.jsonl and summary.json")
   p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its last checkpoint")
   return p
@@ -94,6 +99,9 @@ def _main(argv=None) -> None:
     config = TrainConfig.for_dataset(args.dataset, **overrides)
   except TypeError as e:
     raise UserInputError(str(e))
+  if config.compute_dtype != "float32" and config.task != "classification":
+    raise UserInputError(f"--bf16 is available for the classification task, not yet for {config.task!r}; "
+                         "drop --bf16")
   workdir = prepare_workdir(args.workdir, resume=args.resume)
   key = load_or_create_key(args, config, workdir)
   if config.task != "classification":

@@ -25,7 +25,8 @@ from infl_jax.common.checkpoint import Checkpointer
 from infl_jax.common.cli import CHECKPOINT_SUBDIR, UserInputError, progress
 from infl_jax.common.metrics_log import MetricsWriter, write_json_atomic
 from infl_jax.config import TrainConfig
-from infl_jax.federated import ClientData, FederatedAlgorithm, ServerState, fedavg, server_optimizer, stack_clients
+from infl_jax.federated import (ClientData, FederatedAlgorithm, ServerState, client_mesh, fedavg, server_optimizer,
+                                shard_clients, stack_clients)
 from infl_jax.tasks.classification import classification_metrics, classification_task, predict_logits
 
 
@@ -37,13 +38,20 @@ def load_data(config: TrainConfig):
                       seed=config.seed, n_top_features=config.n_top_features)
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
 def create_model(config: TrainConfig, num_classes: int):
+  if config.compute_dtype not in COMPUTE_DTYPES:
+    raise UserInputError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {config.compute_dtype!r} "
+                         "(--bf16 selects bfloat16)")
   if config.model == "proteomics":
     return models.make_proteomics_net(num_classes, key_strength=config.key_strength, dropout_rate=config.dropout,
-                                      variant=config.variant)
+                                      variant=config.variant, dtype=config.compute_dtype)
   if config.model == "mlp":
     return models.make_mlp_classifier(config.hidden, num_classes, key_strength=config.key_strength,
-                                      use_batch_norm=True, dropout_rate=config.dropout, variant=config.variant)
+                                      use_batch_norm=True, dropout_rate=config.dropout, variant=config.variant,
+                                      dtype=config.compute_dtype)
   raise UserInputError(f"unknown model {config.model!r}; choose 'proteomics' or 'mlp'")
 
 
@@ -119,6 +127,7 @@ def run_rounds(config: TrainConfig, workdir, algo: FederatedAlgorithm, state: Se
 
   ``state`` is the freshly initialised server state (the template a resume restores into);
   ``extra_metrics(state, rounds_done)`` adds e.g. validation metrics to a round's line.
+  ``config.shard_clients`` splits ``clients`` over all local devices for the rounds.
   Returns ``(state, history, seconds)``, or None when stopped after ``stop_after_round``.
   """
   workdir = pathlib.Path(workdir)
@@ -132,6 +141,8 @@ def run_rounds(config: TrainConfig, workdir, algo: FederatedAlgorithm, state: Se
   start = int(state.round)
   writer = MetricsWriter(workdir, resume_from_step=start if resume else None)
   round_fn = jax.jit(algo.round)
+  if config.shard_clients:
+    clients = shard_clients(clients, client_mesh())
   bar = progress(range(start, config.rounds), total=config.rounds, initial=start, desc="rounds",
                  disable=None if show_progress is None else not show_progress)
   t0 = time.perf_counter()

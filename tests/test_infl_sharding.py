@@ -10,11 +10,14 @@ import subprocess
 import sys
 import textwrap
 
+import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from infl_jax.federated import ClientData, client_mesh, shard_clients, stack_clients
+from infl_jax.federated import ClientData, Task, client_mesh, fedavg, shard_clients, stack_clients
 
 _CHILD = textwrap.dedent("""
     import json
@@ -107,3 +110,48 @@ def test_shard_clients_rejects_bad_input():
   with pytest.raises(TypeError, match="ClientData"):
     shard_clients({"x": np.ones((3, 2))}, client_mesh())
   assert isinstance(clients, ClientData)
+
+
+def _linear_task():
+  def loss(params, state, batch, mask, rng, context):
+    logits = batch["x"] @ params["w"] + params["b"]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+    return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0), state
+
+  return Task(loss=loss)
+
+
+def _many_clients(num_clients, samples=4, features=16):
+  rng = np.random.default_rng(num_clients)
+  return ClientData(data={"x": jnp.asarray(rng.normal(size=(num_clients, samples, features)), jnp.float32),
+                          "y": jnp.asarray(rng.integers(0, 3, (num_clients, samples)), jnp.int32)},
+                    num_samples=jnp.full((num_clients,), samples, jnp.int32),
+                    key_version=jnp.ones((num_clients,), jnp.int32))
+
+
+def test_chunked_round_memory_is_bounded_by_the_chunk_not_the_client_count():
+  algo = fedavg(_linear_task(), optax.adam(1e-2), batch_size=4, client_chunk_size=256)
+  state = algo.init({"params": {"w": jnp.zeros((16, 3)), "b": jnp.zeros(3)}}, jax.random.key(0))
+  temp = {}
+  for num_clients in (500, 2000):
+    clients = _many_clients(num_clients)
+    compiled = jax.jit(algo.round).lower(state, clients, None).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+      pytest.skip("this backend reports no memory analysis")
+    temp[num_clients] = analysis.temp_size_in_bytes
+    new_state, metrics = compiled(state, clients, None)
+    assert int(metrics["num_accepted"]) == num_clients and np.isfinite(float(metrics["train_loss"]))
+  # 4x the clients, the same working memory: only the data argument grows.
+  assert temp[2000] <= 1.05 * temp[500], temp
+
+
+def test_sharded_round_on_a_one_device_mesh_equals_the_round():
+  clients = _many_clients(7)
+  algo = fedavg(_linear_task(), optax.sgd(0.1), batch_size=2, client_fraction=0.5, client_chunk_size=2)
+  state = algo.init({"params": {"w": jnp.zeros((16, 3)), "b": jnp.zeros(3)}}, jax.random.key(0))
+  round_fn = jax.jit(algo.round)
+  want, want_metrics = round_fn(state, clients, None)
+  got, got_metrics = round_fn(state, shard_clients(clients, client_mesh(jax.devices()[:1])), None)
+  chex.assert_trees_all_close(got.params, want.params, atol=1e-6)
+  assert {k: float(v) for k, v in got_metrics.items()} == pytest.approx({k: float(v) for k, v in want_metrics.items()})
