@@ -25,6 +25,7 @@ import dataclasses
 import gc
 import inspect
 import json
+import math
 import os
 import pathlib
 import platform
@@ -96,8 +97,11 @@ SMALL = dict(clients=(2, 4), features=64, num_blocks=1, local_epochs=2, repeats=
              bf16_clients=())
 
 
+_START = time.perf_counter()
+
+
 def log(message: str) -> None:
-  print(f"[infl_round] {message}", file=sys.stderr, flush=True)
+  print(f"[infl_round {time.perf_counter() - _START:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 def error_string(error: BaseException) -> str:
@@ -145,19 +149,34 @@ def supports_compute_dtype() -> bool:
   return "dtype" in inspect.signature(models.make_proteomics_net).parameters
 
 
-def build_workload(cfg: BenchConfig, optimizer_name: str | None = None, dtype: str | None = None) -> Workload:
+def make_model(cfg: BenchConfig, dtype: str | None = None):
   """``dtype="bfloat16"``: mixed precision, where make_proteomics_net offers it (float32 master weights)."""
   extra = {} if dtype is None else {"dtype": dtype}
-  model = models.make_proteomics_net(cfg.num_classes, key_strength=cfg.key_strength, dropout_rate=cfg.dropout,
-                                     num_blocks=cfg.num_blocks, **extra)
-  init_rng = jax.random.key(cfg.seed)
-  variables = model.init({"params": init_rng, "dropout": init_rng}, jnp.zeros((2, cfg.features), jnp.float32),
-                         key_coords=None, train=False)
+  return models.make_proteomics_net(cfg.num_classes, key_strength=cfg.key_strength, dropout_rate=cfg.dropout,
+                                    num_blocks=cfg.num_blocks, **extra)
+
+
+def init_variables(model, cfg: BenchConfig, *, abstract: bool = False):
+  """The model's variables (jitted: eager init dispatches hundreds of small ops); shapes only if ``abstract``."""
+  def init(rng):
+    return model.init({"params": rng, "dropout": rng}, jnp.zeros((2, cfg.features), jnp.float32),
+                      key_coords=None, train=False)
+
+  rng = jax.random.key(cfg.seed)
+  return jax.eval_shape(init, rng) if abstract else jax.device_get(jax.jit(init)(rng))
+
+
+def build_workload(cfg: BenchConfig, optimizer_name: str | None = None, dtype: str | None = None,
+                   variables=None) -> Workload:
+  """``variables``: reuse these (of the same model) instead of initialising again."""
+  model = make_model(cfg, dtype)
+  if variables is None:
+    variables = init_variables(model, cfg)
   coords_np = np.array(keylib.generate_key(cfg.seed).coords, np.float32)  # writable: torch shares it on CPU
   optimizer = client_optimizer(optimizer_name or cfg.client_optimizer, cfg)
   return Workload(model=model, task=classification_task(model), optimizer=optimizer,
                   local=LocalConfig(local_epochs=cfg.local_epochs, batch_size=cfg.batch_size),
-                  variables=jax.device_get(variables), coords=jnp.asarray(coords_np), coords_np=coords_np)
+                  variables=variables, coords=jnp.asarray(coords_np), coords_np=coords_np)
 
 
 def synthetic_arrays(cfg: BenchConfig, num_clients: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -183,7 +202,7 @@ def fresh_state(cfg: BenchConfig, algo, work: Workload) -> ServerState:
 
 
 def param_count(tree) -> int:
-  return int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(tree)))
+  return int(sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree)))  # arrays or shapes
 
 
 # ------------------------------------------------------------------------------------------------
@@ -342,7 +361,7 @@ def run_check(cfg: BenchConfig, work: Workload, algo, loop: JitLoop, compiled, c
   if cfg.client_optimizer == "sgd" and compiled is not None:
     sgd_work, sgd_algo, sgd_loop, vmap_round = work, algo, loop, compiled
   else:
-    sgd_work = build_workload(cfg, "sgd")
+    sgd_work = build_workload(cfg, "sgd", variables=work.variables)
     sgd_algo = fedavg(sgd_work.task, sgd_work.optimizer, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size)
     sgd_loop, vmap_round = JitLoop(sgd_work), jax.jit(sgd_algo.round)
   result = check_same_round(vmap_round, sgd_loop, fresh_state(cfg, sgd_algo, sgd_work), clients, sgd_work.coords)
@@ -588,7 +607,7 @@ def large_round(cfg: BenchConfig, work: Workload) -> dict:
 # Driver.
 
 
-def environment(cfg: BenchConfig) -> dict:
+def environment() -> dict:
   device = jax.devices()[0]
   env = {
       "python": platform.python_version(),
@@ -599,14 +618,14 @@ def environment(cfg: BenchConfig) -> dict:
       "host": platform.processor() or platform.machine(),
       "xla_python_client_preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision),
+      "jax_default_matmul_precision": str(getattr(jax.config, "jax_default_matmul_precision", "unknown")),
+      "optax": getattr(optax, "__version__", "unknown"),
   }
   try:
     import flax
-    import optax
 
-    env.update(flax=flax.__version__, optax=optax.__version__)
-  except ImportError:
+    env["flax"] = flax.__version__
+  except Exception:  # noqa: BLE001 - a version string is not worth a failed run
     pass
   return env
 
@@ -739,67 +758,85 @@ def summarise(report: Report, cfg: BenchConfig) -> None:
 
 def run(cfg: BenchConfig, report: Report) -> None:
   data = report.data
-  data["environment"] = environment(cfg)
+  data["environment"] = environment()
   log(f"device: {data['environment']['jax_device_kind']} ({data['environment']['jax_backend']})")
   work = build_workload(cfg)
   data["model"] = {"jax_param_count": param_count(work.variables["params"]),
                    "jax_model_state_count": param_count({k: v for k, v in work.variables.items() if k != "params"})}
   algo = fedavg(work.task, work.optimizer, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size)
   loop = JitLoop(work)
-  results: dict[str, dict] = {str(c): {} for c in cfg.clients}
-  data["results"] = results
-  arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+  data["results"] = {str(c): {} for c in cfg.clients}
+  arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # host copies, for the torch loop and the check
   first_compiled = None
-
-  def over_time(section: str) -> bool:
-    if report.elapsed() > cfg.time_limit_s:
-      log(f"{section}: skipped, the time limit ({cfg.time_limit_s} s) is spent")
-      return True
-    return False
-
   for count in cfg.clients:
-    entry = results[str(count)]
     try:
       arrays[count] = synthetic_arrays(cfg, count, cfg.seed + count)
-      clients = client_data(*arrays[count])
     except Exception as e:  # noqa: BLE001
-      entry["data_error"] = report.error(f"data {count}", e)
+      data["results"][str(count)]["data_error"] = report.error(f"data {count}", e)
       continue
-    compiled = None
-    if over_time(f"vmap {count}"):
-      entry["vmap"] = {"skipped": "time limit"}
-    else:
-      log(f"vmap: {count} clients")
-      try:
-        compiled, compile_s = compile_round(algo, fresh_state(cfg, algo, work), clients, work.coords)
-        entry["vmap"] = time_vmap_round(cfg, compiled, compile_s, fresh_state(cfg, algo, work), clients, work.coords)
-        log(f"vmap: {count} clients: {entry['vmap']['rounds_per_s']:.3g} rounds/s")
-      except Exception as e:  # noqa: BLE001
-        entry["vmap"] = {"error": report.error(f"vmap {count}", e)}
-      report.save()
-    if over_time(f"jit_loop {count}"):
-      entry["jit_loop"] = {"skipped": "time limit"}
-    else:
-      log(f"jit_loop: {count} clients")
-      try:
-        entry["jit_loop"] = time_jit_loop(cfg, loop, fresh_state(cfg, algo, work), clients, work.coords)
-        log(f"jit_loop: {count} clients: {entry['jit_loop']['rounds_per_s']:.3g} rounds/s")
-      except Exception as e:  # noqa: BLE001
-        entry["jit_loop"] = {"error": report.error(f"jit_loop {count}", e)}
-      report.save()
-    if count in cfg.bf16_clients:
-      entry["vmap_bf16"] = time_bf16_round(cfg, report, count, clients) if not over_time(f"vmap_bf16 {count}") \
-          else {"skipped": "time limit"}
+    compiled = jax_columns(cfg, report, work, algo, loop, count, client_data(*arrays[count]))
     if count == cfg.clients[0]:
-      first_compiled = compiled
-    del clients, compiled
+      first_compiled = compiled  # reused by the check when the clients use SGD
+    del compiled
     gc.collect()
 
-  # The large round before the torch loop: the torch loop has its own budget, the large round
-  # (one compile, one round) is the one figure the time limit should not cost.
+  # Before the torch loop: that has a budget of its own, and the large round (one compile, one
+  # round) is the figure the overall time limit should not cost.
+  large_round_section(cfg, report, work)
+  gc.collect()
+  torch_section(cfg, report, work, arrays)
+  summarise(report, cfg)
+  report.save()
+  # Last: with Adam clients it compiles a round and a loop of its own (see run_check).
+  check_section(cfg, report, work, algo, loop, first_compiled, arrays)
+
+
+def over_time(cfg: BenchConfig, report: Report, section: str) -> bool:
+  if report.elapsed() > cfg.time_limit_s:
+    log(f"{section}: skipped, the time limit ({cfg.time_limit_s} s) is spent")
+    return True
+  return False
+
+
+def jax_columns(cfg: BenchConfig, report: Report, work: Workload, algo, loop: JitLoop, count: int,
+                clients: ClientData):
+  """vmap, jit_loop (and vmap_bf16) at one client count; returns the compiled vmapped round or None."""
+  entry = report.data["results"][str(count)]
+  compiled = None
+  if over_time(cfg, report, f"vmap {count}"):
+    entry["vmap"] = {"skipped": "time limit"}
+  else:
+    log(f"vmap: {count} clients")
+    try:
+      compiled, compile_s = compile_round(algo, fresh_state(cfg, algo, work), clients, work.coords)
+      entry["vmap"] = time_vmap_round(cfg, compiled, compile_s, fresh_state(cfg, algo, work), clients, work.coords)
+      log(f"vmap: {count} clients: {entry['vmap']['rounds_per_s']:.3g} rounds/s")
+    except Exception as e:  # noqa: BLE001
+      entry["vmap"] = {"error": report.error(f"vmap {count}", e)}
+    report.save()
+  if over_time(cfg, report, f"jit_loop {count}"):
+    entry["jit_loop"] = {"skipped": "time limit"}
+  else:
+    log(f"jit_loop: {count} clients")
+    try:
+      entry["jit_loop"] = time_jit_loop(cfg, loop, fresh_state(cfg, algo, work), clients, work.coords)
+      log(f"jit_loop: {count} clients: {entry['jit_loop']['rounds_per_s']:.3g} rounds/s")
+    except Exception as e:  # noqa: BLE001
+      entry["jit_loop"] = {"error": report.error(f"jit_loop {count}", e)}
+    report.save()
+  if count in cfg.bf16_clients:
+    if over_time(cfg, report, f"vmap_bf16 {count}"):
+      entry["vmap_bf16"] = {"skipped": "time limit"}
+    else:
+      entry["vmap_bf16"] = time_bf16_round(cfg, report, count, clients)
+  return compiled
+
+
+def large_round_section(cfg: BenchConfig, report: Report, work: Workload) -> None:
+  data = report.data
   if cfg.large_clients == 0:
     data["large_round"] = {"skipped": "--large-clients 0"}
-  elif over_time("large round"):
+  elif over_time(cfg, report, "large round"):
     data["large_round"] = {"skipped": "time limit"}
   else:
     log(f"large round: {cfg.large_clients} clients in chunks of {cfg.large_chunk}")
@@ -811,22 +848,19 @@ def run(cfg: BenchConfig, report: Report) -> None:
                              "out_of_memory": is_out_of_memory(e), "error": report.error("large round", e),
                              "memory_after": device_memory()}
   report.save()
-  gc.collect()
 
-  torch_section(cfg, report, work, arrays)
-  summarise(report, cfg)
-  report.save()
 
-  # Last: with Adam clients it compiles a round and a loop of its own (see run_check).
+def check_section(cfg: BenchConfig, report: Report, work: Workload, algo, loop: JitLoop, compiled, arrays) -> None:
+  data = report.data
   count = cfg.clients[0]
   if count not in arrays:
     data["check"] = {"skipped": "no data"}
-  elif over_time("check"):
+  elif over_time(cfg, report, "check"):
     data["check"] = {"skipped": "time limit"}
   else:
     log(f"check: one round from the same state, vmap vs jit loop, {count} clients")
     try:
-      data["check"] = run_check(cfg, work, algo, loop, first_compiled, client_data(*arrays[count]))
+      data["check"] = run_check(cfg, work, algo, loop, compiled, client_data(*arrays[count]))
     except Exception as e:  # noqa: BLE001
       data["check"] = {"error": report.error("check", e)}
   report.save()
