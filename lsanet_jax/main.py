@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   t.add_argument("--augment", action="store_true", help="random flips and padded crops")
   t.add_argument("--bf16", action="store_true", help="bfloat16 compute (parameters stay float32)")
   t.add_argument("--epoch-loop", default="auto", choices=["auto", "scan", "host"])
+  t.add_argument("--data-parallel", action="store_true",
+                 help="split every batch over all local devices (batch size divisible by their "
+                      "number); the same training as on one device, BatchNorm over the whole batch")
   r = p.add_argument_group("run")
   r.add_argument("--workdir", required=True, help="folder for metrics, summary, plots, checkpoints")
   r.add_argument("--resume", action="store_true", help="continue the run in --workdir")
@@ -94,7 +97,8 @@ def config_from_args(args):
       attention=args.attention, width=args.width, stem=args.stem, aux_stages=aux_stages,
       lsa_dim=args.lsa_dim, label_fraction=args.label_fraction, epochs=args.epochs,
       batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed, augment=args.augment,
-      bf16=args.bf16, as_rgb=args.as_rgb, epoch_loop=args.epoch_loop, **parts)
+      bf16=args.bf16, as_rgb=args.as_rgb, epoch_loop=args.epoch_loop,
+      data_parallel=args.data_parallel, **parts)
   try:
     config.validate()
   except ValueError as e:
@@ -111,6 +115,11 @@ def run(argv=None) -> dict | None:
   config = config_from_args(args)
   if args.stop_after_epochs is not None and args.stop_after_epochs < 1:
     raise UserInputError("--stop-after-epochs must be at least 1")
+  if config.data_parallel:
+    try:
+      train.data_parallel_mesh(config.batch_size)
+    except ValueError as e:
+      raise UserInputError(str(e)) from None
   if args.download and not INFO[config.flag].get("builtin"):
     from lsanet_jax.data.download import ZENODO_URL_TEMPLATE, download_medmnist
     download_medmnist(config.flag, config.root, config.size,
@@ -118,8 +127,10 @@ def run(argv=None) -> dict | None:
   data = load_medmnist(config.flag, config.root, config.size, as_rgb=config.as_rgb, seed=config.seed)
   workdir = prepare_workdir(args.workdir, resume=args.resume)
 
-  # The checkpoint refuses a resume whose settings differ from the run that wrote it.
-  ckpt_config = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("root",)}
+  # The checkpoint refuses a resume whose settings differ from the run that wrote it; data
+  # parallelism is left out because it trains what one device trains (up to summation order).
+  ckpt_config = {k: v for k, v in dataclasses.asdict(config).items()
+                 if k not in ("root", "data_parallel")}
   ckpt = Checkpointer(workdir / "checkpoints", keep=args.keep_checkpoints, config=ckpt_config)
   model = train.build_model(config, data.n_classes)
   start_epoch, best, state = 1, None, None

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lsanet_jax import metrics as official_metrics
 from lsanet_jax.backbones import ATTENTION_KINDS, BACKBONES, count_params
@@ -61,6 +62,7 @@ class TrainConfig:
   as_rgb: bool = False
   eval_batch_size: int = 512
   epoch_loop: str = "auto"  # auto | scan | host (see resolve_epoch_loop)
+  data_parallel: bool = False  # split every batch over all local devices (see data_parallel_mesh)
 
   @property
   def resolved_stem(self) -> str:
@@ -114,12 +116,22 @@ def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int):
   return optax.piecewise_constant_schedule(config.learning_rate, boundaries)
 
 
-def create_train_state(model: LSANet, tx, image_shape, key) -> dict:
-  """The whole training state as one pytree of arrays (checkpointed as is)."""
-  # Parameters are float32 whatever the compute dtype, so the float32 twin initialises them
-  # (XLA:CPU compiles a bf16 init several times slower).
+def init_variables(model: LSANet, image_shape, key) -> dict:
+  """{"params", "batch_stats"} of a fresh model, float32 whatever the compute dtype."""
+  # The float32 twin initialises them (XLA:CPU compiles a bf16 init several times slower).
   init_model = model.clone(dtype=jnp.float32)
-  variables = jax.jit(functools.partial(init_model.init, train=False))(key, jnp.zeros((1, *image_shape)))
+  return jax.jit(functools.partial(init_model.init, train=False))(key, jnp.zeros((1, *image_shape)))
+
+
+def create_train_state(model: LSANet, tx, image_shape, key, variables=None) -> dict:
+  """The whole training state as one pytree of arrays (checkpointed as is).
+
+  variables: initial {"params", "batch_stats"} to start from instead of initialising with key
+  (they are copied, so donating the state never frees the caller's arrays)."""
+  if variables is None:
+    variables = init_variables(model, image_shape, key)
+  else:
+    variables = jax.tree_util.tree_map(jnp.copy, variables)
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
   return {
       "params": params,
@@ -183,15 +195,55 @@ def resolve_epoch_loop(epoch_loop: str) -> str:
   return epoch_loop
 
 
+# The parts of the state one training step changes; the rest (the kept best weights) stays out of
+# the scanned carry so the loop never touches it.
+STEP_STATE_KEYS = ("params", "batch_stats", "opt_state", "step")
+
+
+def data_parallel_mesh(batch_size: int, devices=None) -> Mesh:
+  """A 1-D mesh over all local devices (axis "data") that every batch is split across.
+
+  Raises ValueError when the batch does not split evenly."""
+  devices = list(devices if devices is not None else jax.local_devices())
+  if batch_size % len(devices):
+    raise ValueError(f"data-parallel training splits each batch of {batch_size} images over "
+                     f"{len(devices)} devices: choose a --batch-size divisible by {len(devices)} "
+                     f"(or drop --data-parallel)")
+  return Mesh(np.array(devices), ("data",))
+
+
+def replicate(tree, mesh: Mesh | None):
+  """Places every array of tree on every device of mesh (a no-op without a mesh)."""
+  if mesh is None:
+    return tree
+  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def batch_sharder(mesh: Mesh | None):
+  """x -> x split along its first (batch) axis over the mesh's "data" axis, inside jit.
+
+  With the parameters replicated, GSPMD then all-reduces the gradients and BatchNorm's batch
+  statistics, so a data-parallel step computes what one device computes on the whole batch."""
+  if mesh is None:
+    return lambda x: x
+  sharding = NamedSharding(mesh, PartitionSpec("data"))
+  return lambda x: jax.lax.with_sharding_constraint(x, sharding)
+
+
 def make_train_epoch(model, tx, config: TrainConfig, task: str, num_train: int,
-                     epoch_loop: str = "auto"):
+                     epoch_loop: str = "auto", mesh: Mesh | None = None):
   """Returns (train_epoch(state, images, labels, epoch_key) -> (state, mean metrics), steps).
 
   Every epoch visits a fresh permutation of all training images; the last batch is filled up by
-  wrapping around the permutation so every batch has the same shape."""
+  wrapping around the permutation so every batch has the same shape. With a mesh (see
+  data_parallel_mesh) each batch is split over its devices; state and images must then be
+  replicated on them (see replicate)."""
   batch_size = min(config.batch_size, num_train)
+  if mesh is not None:
+    data_parallel_mesh(batch_size, mesh.devices.flat)  # checks divisibility
   steps = math.ceil(num_train / batch_size)
   step_fn = functools.partial(train_step, model=model, tx=tx, config=config, task=task)
+  shard = batch_sharder(mesh)
 
   def epoch_plan(epoch_key):
     perm_key, aug_key = jax.random.split(epoch_key)
@@ -199,15 +251,17 @@ def make_train_epoch(model, tx, config: TrainConfig, task: str, num_train: int,
     return order.reshape(steps, batch_size), jax.random.split(aug_key, steps)
 
   def indexed_step(state, images, labels, idx, key):
-    return step_fn(state, images[idx], labels[idx], key)
+    idx = shard(idx)  # each device gathers only its own share of the batch
+    return step_fn(state, shard(images[idx]), shard(labels[idx]), key)
 
   if resolve_epoch_loop(epoch_loop) == "scan":
     @functools.partial(jax.jit, donate_argnums=(0,))
     def train_epoch(state, images, labels, epoch_key):
       order, keys = epoch_plan(epoch_key)
-      state, parts = jax.lax.scan(lambda s, inp: indexed_step(s, images, labels, *inp), state,
+      carry = {k: state[k] for k in STEP_STATE_KEYS}
+      carry, parts = jax.lax.scan(lambda s, inp: indexed_step(s, images, labels, *inp), carry,
                                   (order, keys))
-      return state, jax.tree_util.tree_map(jnp.mean, parts)
+      return dict(state, **carry), jax.tree_util.tree_map(jnp.mean, parts)
     return train_epoch, steps
 
   plan = jax.jit(epoch_plan)
@@ -216,19 +270,23 @@ def make_train_epoch(model, tx, config: TrainConfig, task: str, num_train: int,
 
   def train_epoch(state, images, labels, epoch_key):
     order, keys = plan(epoch_key)
+    carry = {k: state[k] for k in STEP_STATE_KEYS}
     parts = []
     for i in range(steps):  # dispatches asynchronously; nothing returns to the host here
-      state, p = step(state, images, labels, order[i], keys[i])
+      carry, p = step(carry, images, labels, order[i], keys[i])
       parts.append(p)
-    return state, mean_parts(parts)
+    return dict(state, **carry), mean_parts(parts)
   return train_epoch, steps
 
 
-def make_predict(model, task: str, num_images: int, eval_batch_size: int):
-  """jit(variables, images) -> {head: probabilities (N, C)} in eval mode, batched by lax.map."""
+def make_predict(model, task: str, num_images: int, eval_batch_size: int, mesh: Mesh | None = None):
+  """jit(variables, images) -> {head: probabilities (N, C)} in eval mode, batched by lax.map.
+
+  With a mesh, each evaluation batch is split over its devices when it divides evenly."""
   batch = min(eval_batch_size, num_images)
   num_batches = math.ceil(num_images / batch)
   activation = jax.nn.sigmoid if task == MULTI_LABEL else jax.nn.softmax
+  shard = batch_sharder(mesh if mesh is not None and batch % mesh.size == 0 else None)
 
   @jax.jit
   def predict(variables, images):
@@ -236,7 +294,7 @@ def make_predict(model, task: str, num_images: int, eval_batch_size: int):
     padded = padded.reshape(num_batches, batch, *images.shape[1:])
 
     def one(xb):
-      logits = model.apply(variables, preprocess(xb), train=False)["logits"]
+      logits = model.apply(variables, preprocess(shard(xb)), train=False)["logits"]
       return {k: activation(v) for k, v in logits.items()}
 
     probs = jax.lax.map(one, padded)
@@ -256,12 +314,13 @@ class Callbacks:
   should_stop: Any = None  # (epoch) -> bool: stop after this epoch (checkpointed, resumable)
 
 
-def prepare_data(config: TrainConfig, data: MedMNISTData):
-  """Label-fraction subset of train, data moved to the device once."""
+def prepare_data(config: TrainConfig, data: MedMNISTData, mesh: Mesh | None = None):
+  """Label-fraction subset of train, data moved to the device once (to every device of mesh)."""
   subset = label_fraction_subset(data.train_labels, config.label_fraction, config.seed, data.task)
+  put = jax.device_put if mesh is None else functools.partial(replicate, mesh=mesh)
   return {
-      "train": (jax.device_put(data.train_images[subset]), jax.device_put(data.train_labels[subset])),
-      "eval_images": jax.device_put(np.concatenate([data.val_images, data.test_images])),
+      "train": (put(data.train_images[subset]), put(data.train_labels[subset])),
+      "eval_images": put(np.concatenate([data.val_images, data.test_images])),
       "num_val": data.val_images.shape[0],
       "val_labels": data.val_labels,
       "test_labels": data.test_labels,
@@ -277,16 +336,19 @@ def train_and_evaluate(config: TrainConfig, data: MedMNISTData, *, state=None, s
   config.validate()
   callbacks = callbacks or Callbacks()
   model = build_model(config, data.n_classes)
-  device_data = prepare_data(config, data)
+  num_train = len(label_fraction_subset(data.train_labels, config.label_fraction, config.seed, data.task))
+  mesh = data_parallel_mesh(min(config.batch_size, num_train)) if config.data_parallel else None
+  device_data = prepare_data(config, data, mesh)
   train_images, train_labels = device_data["train"]
-  num_train = train_images.shape[0]
   steps = math.ceil(num_train / min(config.batch_size, num_train))
   schedule = learning_rate_schedule(config, steps)
   tx = optax.adam(schedule)
   if state is None:
     state = create_train_state(model, tx, data.train_images.shape[1:], init_key(config.seed))
-  train_epoch, _ = make_train_epoch(model, tx, config, data.task, num_train, config.epoch_loop)
-  predict = make_predict(model, data.task, device_data["eval_images"].shape[0], config.eval_batch_size)
+  state = replicate(state, mesh)
+  train_epoch, _ = make_train_epoch(model, tx, config, data.task, num_train, config.epoch_loop, mesh)
+  predict = make_predict(model, data.task, device_data["eval_images"].shape[0], config.eval_batch_size,
+                         mesh)
   num_val = device_data["num_val"]
   history = []
   for epoch in range(start_epoch, config.epochs + 1):

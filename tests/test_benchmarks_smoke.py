@@ -76,3 +76,32 @@ def test_infl_round_torch_reference_has_our_parameter_count():
     assert buffers == bench.param_count(variables.get("batch_stats", {}))
     logits = reference(torch.zeros(5, cfg.features), torch.rand(128, 2) * 2 - 1)
     assert tuple(logits.shape) == (5, cfg.num_classes)
+
+
+def test_lsanet_speed_benchmark_small(tmp_path):
+  out = tmp_path / "lsanet_speed.json"
+  # Two of the entries (one step benchmark in bf16, the scan-compiled epoch in fp32) keep the
+  # compiles CPU-sized; the others run the same functions with another variant or dtype.
+  command = [sys.executable, str(REPO / "benchmarks" / "lsanet_speed.py"), "--small", "--no-torch",
+             "--only", "step/lsanet_bf16,epoch/lsanet_fp32", "--width", "0.0625", "--step-batch", "8",
+             "--epoch-images", "32", "--out", str(out)]
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), XLA_FLAGS="")
+  completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  printed = json.loads(completed.stdout)
+  saved = json.loads(out.read_text())
+  assert printed["step"] == saved["step"] and printed["epoch"] == saved["epoch"]
+  assert saved["errors"] == {}, saved["errors"]
+  assert saved["small"] is True and "synthetic" in saved["data"]
+  assert saved["skipped"] == {}  # --only left the torch entries out before --no-torch applied
+  step = saved["step"]["lsanet_bf16"]
+  assert step["images_per_s"] > 0 and step["compile_s"] > 0 and step["batch"] == 8
+  assert step["images_per_s"] == pytest.approx(8 / (step["step_ms_median"] / 1e3))
+  assert step["heads"] == ["aux1", "aux2", "main", "fused"] and step["dtype"].startswith("bf16")
+  assert step["last_loss"] > 0
+  epoch = saved["epoch"]["lsanet_fp32"]
+  assert epoch["steps"] == 2 and epoch["batch"] == 16 and epoch["images"] == 32
+  assert epoch["seconds_per_epoch"] > 0 and epoch["compile_s"] > 0 and epoch["epoch_loop"] == "scan"
+  assert len(epoch["epoch_seconds"]) == 2 and all(l > 0 for l in epoch["mean_loss_per_epoch"])
+  assert saved["compile_s"] == {"step/lsanet_bf16": step["compile_s"], "epoch/lsanet_fp32": epoch["compile_s"]}
+  assert saved["ratios"] == {}  # no torch columns, no ratios

@@ -114,3 +114,47 @@ def test_bf16_compute_keeps_float32_params_and_logits():
   logits, alpha = lsa.apply(lsa_vars, feats, train=False)
   assert logits.dtype == jnp.float32 and alpha.dtype == jnp.float32
   np.testing.assert_allclose(alpha.sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_bf16_training_step_tracks_fp32_and_keeps_float32_weights():
+  """--bf16 (bfloat16 compute, float32 master weights): same parameters give the fp32 logits
+  and loss to bf16 precision, and the updated parameters and optimiser state stay float32."""
+  import functools
+
+  import optax
+  from lsanet_jax import train
+
+  configs = {name: train.TrainConfig(width=0.0625, lsa_dim=16, bf16=name == "bf16",
+                                     **train.VARIANTS["lsanet"]) for name in ("fp32", "bf16")}
+  models = {name: train.build_model(c, 5) for name, c in configs.items()}
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8))
+  labels = jnp.asarray(rng.integers(0, 5, (16, 1)).astype(np.int32))
+  variables = train.init_variables(models["fp32"], (16, 16, 3), train.init_key(0))
+  tx = optax.adam(1e-3)
+  logits, states, parts = {}, {}, {}
+  for name, model in models.items():
+    out = jax.jit(functools.partial(model.apply, train=False))(variables, train.preprocess(images))
+    logits[name] = out["logits"]
+    state = train.create_train_state(model, tx, (16, 16, 3), None, variables)
+    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, config=configs[name],
+                                     task="multi-class"))
+    states[name], parts[name] = step(state, images, labels, jax.random.key(1))
+  assert set(logits["bf16"]) == {"aux1", "aux2", "main", "fused"}
+  for head, z32 in logits["fp32"].items():
+    z16 = logits["bf16"][head]
+    assert z16.dtype == jnp.float32
+    scale = float(jnp.max(jnp.abs(z32)))
+    assert scale > 0.1  # not a degenerate comparison of near-zero logits
+    np.testing.assert_allclose(z16, z32, atol=0.05 * scale, err_msg=head)
+    np.testing.assert_allclose(jax.nn.softmax(z16), jax.nn.softmax(z32), atol=0.03, err_msg=head)
+  np.testing.assert_allclose(parts["bf16"]["loss"], parts["fp32"]["loss"], rtol=0.03)
+  trees = (states["bf16"]["params"], states["bf16"]["opt_state"], states["bf16"]["batch_stats"])
+  assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(trees)
+             if jnp.issubdtype(a.dtype, jnp.floating))
+  chex.assert_trees_all_equal_shapes_and_dtypes(states["bf16"]["params"], states["fp32"]["params"])
+  # One Adam step moves both the same way (bf16 rounding can flip only near-zero gradients).
+  delta = lambda s: jnp.concatenate([(a - b).ravel() for a, b in zip(
+      jax.tree_util.tree_leaves(s["params"]), jax.tree_util.tree_leaves(variables["params"]))])
+  agree = float(jnp.mean(jnp.sign(delta(states["bf16"])) == jnp.sign(delta(states["fp32"]))))
+  assert agree > 0.9, agree
