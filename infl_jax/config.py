@@ -20,8 +20,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESETS["pbmc_sites"] = {k: v for k, v in PRESETS["pbmc"].items() if k not in ("n_clients", "partition", "alpha")}
 PRESETS["pbmc_panels"] = dict(PRESETS["pbmc_sites"])
 # Tasks beyond classification (infl_jax/tasks/runners.py).
-PRESETS["nutrimouse"] = dict(task="multiomics", hidden=(64,), embed_dim=8, key_strength=1.0, rounds=150,
-                             local_epochs=5, batch_size=64, learning_rate=3e-3, weight_decay=1e-4, dropout=0.2,
+# Lipids anchor the embedding: the genes-only client's mice are placed by the gene encoder, which
+# the paired client aligns to the lipid codes (docs/tasks.md, "Multi-omics").
+PRESETS["nutrimouse"] = dict(task="multiomics", hidden=(64,), embed_dim=8, key_strength=1.0, rounds=400,
+                             local_epochs=5, batch_size=64, learning_rate=3e-3, weight_decay=1e-4, dropout=0.0,
+                             mosaic_anchor="lipids", align_weight=1.0, isometry_weight=10.0,
                              checkpoint_every=50)
 PRESETS["spatial"] = dict(task="spatial", hidden=(128,), embed_dim=16, key_strength=1.0, n_clients=3, rounds=30,
                           local_epochs=5, batch_size=1024, learning_rate=1e-3, weight_decay=1e-4, dropout=0.2,
@@ -69,6 +72,9 @@ class TrainConfig:
   embed_dim: int = 16  # clustering tasks: size of the learned embedding
   cluster_method: str = "kmeans"  # clustering tasks: "kmeans" or "leiden"
   graph_neighbors: int = 6  # spatial task: neighbours per spot in the spatial graph
+  mosaic_anchor: str | None = None  # multiomics: modality whose code is the embedding where present
+  align_weight: float = 0.1  # multiomics: pull of each modality's code towards the joint code
+  isometry_weight: float = 0.0  # multiomics: keep each modality's pairwise distances in its code
   compute_dtype: str = "float32"  # "bfloat16": mixed precision (bf16 compute, float32 parameters); classification
   shard_clients: bool = False  # split the clients over all local devices (infl_jax/federated/sharding.py)
 
@@ -94,6 +100,9 @@ class TrainConfig:
     for k in ("rounds", "key_seed", "key_mode", "eval_every", "checkpoint_every", "keep_checkpoints",
               "central_baseline", "shard_clients"):
       d.pop(k)
-    if d["compute_dtype"] == "float32":
-      d.pop("compute_dtype")
+    # Left out at their defaults, so checkpoints written before these settings existed still resume.
+    for k, default in (("compute_dtype", "float32"), ("mosaic_anchor", None), ("align_weight", 0.1),
+                       ("isometry_weight", 0.0)):
+      if d[k] == default:
+        d.pop(k)
     return d

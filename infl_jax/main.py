@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 
@@ -61,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--embed-dim", type=int, help="clustering tasks: size of the learned embedding")
   p.add_argument("--cluster-method", choices=["kmeans", "leiden"], help="clustering tasks: how embeddings are clustered")
   p.add_argument("--graph-neighbors", type=int, help="spatial: neighbours per spot; perturbation: co-expression neighbours per gene")
+  p.add_argument("--mosaic-anchor", help="multiomics: the modality whose code is a sample's embedding where present"
+                 " (others are aligned to it); 'none': the mean of the present modalities' codes (default"
+                 " except for nutrimouse, whose preset anchors on lipids)")
+  p.add_argument("--align-weight", type=float, help="multiomics: weight pulling each modality's code to the joint code")
+  p.add_argument("--isometry-weight", type=float,
+                 help="multiomics: weight keeping each modality's pairwise distances in its code")
   p.add_argument("--bf16", dest="compute_dtype", action="store_const", const="bfloat16",
                  help="mixed precision: bfloat16 compute, float32 parameters, BatchNorm statistics and loss "
                       "(classification)")
@@ -99,6 +106,8 @@ def _main(argv=None) -> None:
     config = TrainConfig.for_dataset(args.dataset, **overrides)
   except TypeError as e:
     raise UserInputError(str(e))
+  if args.mosaic_anchor is not None and args.mosaic_anchor.lower() == "none":
+    config = dataclasses.replace(config, mosaic_anchor=None)
   if config.compute_dtype != "float32" and config.task != "classification":
     raise UserInputError(f"--bf16 is available for the classification task, not yet for {config.task!r}; "
                          "drop --bf16")

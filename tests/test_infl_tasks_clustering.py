@@ -13,7 +13,11 @@ import pytest
 from infl_jax import keys
 from infl_jax.config import TrainConfig
 from infl_jax.tasks import runners
+from infl_jax.common.cli import UserInputError
+from infl_jax.data import DataError
+from infl_jax.data.multiomics import LOG_PSEUDOCOUNT, mosaic_from_arrays
 from infl_jax.tasks.clustering import clustering_scores, whole_graph
+from infl_jax.tasks.multiomics import isometry_loss, make_mosaic_model
 from infl_jax.tasks.graph import knn_graph, mean_aggregate, restrict_graph, sparsify_similarity
 
 
@@ -114,11 +118,15 @@ def _mosaic_fixture(path, seed=0):
   return path
 
 
-def test_multiomics_runner_learns_shared_groups_across_a_mosaic(tmp_path):
+@pytest.mark.parametrize("anchor", [None, "protein"])
+def test_multiomics_runner_learns_shared_groups_across_a_mosaic(tmp_path, anchor):
   path = _mosaic_fixture(tmp_path / "mosaic.h5ad")
   config = TrainConfig.for_dataset("nutrimouse", label_key="label", client_key="site", rounds=40, embed_dim=4,
                                    checkpoint_every=100)
-  config = dataclasses.replace(config, dataset=str(path))
+  # Mean fusion with the old defaults, or the nutrimouse preset's anchored design on this data's modalities.
+  fusion = (dict(mosaic_anchor=None, align_weight=0.1, isometry_weight=0.0, dropout=0.2) if anchor is None
+            else dict(mosaic_anchor=anchor))
+  config = dataclasses.replace(config, dataset=str(path), **fusion)
   summary = runners.train_and_evaluate(config, tmp_path / "run", keys.generate_key(0), show_progress=False)
   assert summary["client_modalities"] == {"a": ["rna"], "b": ["protein"], "c": ["rna", "protein"]}
   right = summary["clustering"]["right_key"]["mosaic"]["label"]["ari"]
@@ -143,6 +151,71 @@ def test_nutrimouse_clients_hold_only_their_modalities():
       if not want[j]:
         assert (data.modalities[m][rows] == 0).all()
     assert len(np.unique(data.labels["diet"][rows])) == 5  # stratified: every client sees every diet
-  # standardised on the holders only
+  # scaled on the holders only: genes z-scored per feature, lipids log-composition (one pooled std)
   have = data.present[:, 1]
   np.testing.assert_allclose(data.modalities["lipids"][have].mean(0), 0, atol=1e-5)
+  np.testing.assert_allclose(data.modalities["lipids"][have].std(), 1, rtol=1e-5)
+  genes = data.modalities["genes"][data.present[:, 0]]
+  np.testing.assert_allclose(genes.std(0), 1, rtol=1e-4)
+
+
+def test_multiomics_runner_refuses_an_anchor_that_is_not_a_modality(tmp_path):
+  path = _mosaic_fixture(tmp_path / "mosaic.h5ad")
+  config = TrainConfig.for_dataset("nutrimouse", label_key="label", client_key="site", rounds=1)
+  config = dataclasses.replace(config, dataset=str(path))  # preset anchor "lipids"; modalities rna, protein
+  with pytest.raises(UserInputError, match="--mosaic-anchor 'lipids' is not a modality.*rna"):
+    runners.train_and_evaluate(config, tmp_path / "run", keys.generate_key(0), show_progress=False)
+
+
+def test_log_composition_transform_matches_hand_computation():
+  x = np.array([[50.0, 30.0, 20.0, 0.0], [40.0, 40.0, 10.0, 10.0], [60.0, 20.0, 20.0, 0.0]])
+  other = np.ones((3, 2))
+  present = np.array([[1, 1], [1, 1], [1, 0]], bool)  # the third sample lacks "other" only
+  data = mosaic_from_arrays({"fa": x, "other": other}, present, np.array([0, 0, 1]), ["a", "b"],
+                            {"label": np.array([0, 1, 0])}, {"label": ["p", "q"]},
+                            transforms={"fa": "log_composition"})
+  logs = np.log(x + LOG_PSEUDOCOUNT)
+  centred = logs - logs.mean(0)
+  np.testing.assert_allclose(data.modalities["fa"], centred / centred.std(), rtol=1e-5, atol=1e-6)
+  # Per-feature spreads keep their ratios (a z-score would make them all 1).
+  spreads = data.modalities["fa"].std(0)
+  np.testing.assert_allclose(spreads / spreads[0], centred.std(0) / centred.std(0)[0], rtol=1e-5)
+  with pytest.raises(DataError, match="negative values.*'standard'"):
+    mosaic_from_arrays({"fa": -x, "other": other}, present, np.array([0, 0, 1]), ["a", "b"],
+                       {"label": np.array([0, 1, 0])}, {"label": ["p", "q"]}, transforms={"fa": "log_composition"})
+  with pytest.raises(DataError, match="unknown transform 'clr'"):
+    mosaic_from_arrays({"fa": x, "other": other}, present, np.array([0, 0, 1]), ["a", "b"],
+                       {"label": np.array([0, 1, 0])}, {"label": ["p", "q"]}, transforms={"fa": "clr"})
+
+
+def test_isometry_loss_is_zero_for_a_distance_preserving_code_and_matches_hand_value():
+  x = jnp.array([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0], [9.0, 9.0]])
+  have = jnp.array([1.0, 1.0, 1.0, 0.0])  # the last row is padding / lacks the modality
+  rotation = jnp.array([[0.6, -0.8], [0.8, 0.6]])
+  assert float(isometry_loss(x @ rotation, x, have)) < 1e-6
+  # A code that halves every distance: RMS distances 5/sqrt2, 10/sqrt2, 5/sqrt2 become half, so the
+  # mean squared mismatch over the 6 ordered pairs is mean of (d/2)^2.
+  d = np.array([5, 10, 5, 5, 10, 5]) / np.sqrt(2)
+  np.testing.assert_allclose(float(isometry_loss(x / 2, x, have)), np.mean((d / 2) ** 2), rtol=1e-4)
+
+
+def test_anchored_mosaic_embeds_with_the_anchor_code_and_keeps_it_out_of_other_decoders():
+  model = make_mosaic_model(["genes", "lipids"], [5, 3], hidden=8, embed_dim=4, anchor="lipids")
+  rng = jax.random.key(0)
+  x = {"genes": jax.random.normal(rng, (6, 5)), "lipids": jax.random.normal(jax.random.key(1), (6, 3))}
+  present = jnp.array([[1, 1], [1, 0], [0, 1], [1, 1], [1, 0], [0, 1]], jnp.float32)
+  variables = model.init(rng, (x, present), key_coords=None)
+  z, codes, _, _ = model.apply(variables, (x, present), key_coords=None)
+  has_lipids = present[:, 1] > 0
+  np.testing.assert_allclose(z[has_lipids], codes[1][has_lipids], rtol=1e-6)
+  np.testing.assert_allclose(z[~has_lipids], codes[0][~has_lipids], rtol=1e-6)
+
+  def genes_from_lipid_code(params):
+    return jnp.sum(model.apply({"params": params}, (x, present), key_coords=None)[3]["genes"] ** 2)
+
+  grads = jax.grad(genes_from_lipid_code)(variables["params"])
+  lipid_encoder = [g for path, g in jax.tree_util.tree_leaves_with_path(grads)
+                   if "enc_lipids" in jax.tree_util.keystr(path)]
+  assert lipid_encoder and all(float(jnp.abs(g).max()) == 0.0 for g in lipid_encoder)
+  with pytest.raises(ValueError, match="anchor 'rna' is not one of"):
+    make_mosaic_model(["genes", "lipids"], [5, 3], anchor="rna")

@@ -5,9 +5,16 @@ hepatic lipids (fatty-acid percentages), labels ``diet`` (5) and ``genotype`` (2
 to three clients, stratified by diet (seeded): ``genes_only``, ``lipids_only`` and ``both``;
 a client's missing modality is never read (its rows are zeros with ``present`` False).
 
-Standardisation is per feature with the pooled mean and std of the clients that measured the
-modality (a federated mean/variance, which secure aggregation can give); clients that lack it
-contribute nothing to its statistics.
+Scaling uses the pooled statistics of the clients that measured a modality (a federated mean and
+variance, which secure aggregation can give); clients that lack it contribute nothing. Two
+per-modality transforms (``MODALITY_TRANSFORMS``):
+
+* ``"standard"``: per-feature z-scores (for expression already on a log scale, like the genes);
+* ``"log_composition"``: for compositions such as fatty-acid percentages: ``log(x + pseudocount)``
+  per value, centred per feature and divided by one pooled std over all features. Per-feature
+  z-scores would inflate trace lipids (near-zero percentages, mostly noise) to the weight of the
+  major ones; on nutrimouse KMeans finds the diets with ARI 1.00 on log-composition lipids and
+  0.42 on z-scored ones. The built-in applies it to the lipids.
 """
 
 from __future__ import annotations
@@ -18,10 +25,15 @@ import numpy as np
 
 from infl_jax.data.errors import DataError
 
-__all__ = ["MosaicData", "MOSAIC_CLIENTS", "load_mosaic", "load_nutrimouse", "mosaic_from_arrays"]
+__all__ = ["MosaicData", "MOSAIC_CLIENTS", "MODALITY_TRANSFORMS", "load_mosaic", "load_nutrimouse",
+           "mosaic_from_arrays"]
 
 # Which modalities each built-in client holds.
 MOSAIC_CLIENTS = {"genes_only": ("genes",), "lipids_only": ("lipids",), "both": ("genes", "lipids")}
+MODALITY_TRANSFORMS = ("standard", "log_composition")
+NUTRIMOUSE_TRANSFORMS = {"genes": "standard", "lipids": "log_composition"}
+# Half the smallest non-zero fatty-acid percentage nutrimouse reports (0.2 %): keeps log finite at 0.
+LOG_PSEUDOCOUNT = 0.1
 
 
 @dataclasses.dataclass
@@ -66,12 +78,34 @@ def _require_nutrimouse():
   return load
 
 
+def _scale(x: np.ndarray, have: np.ndarray, transform: str, name: str) -> np.ndarray:
+  """``x`` transformed and scaled with statistics of the rows in ``have`` only."""
+  if transform == "log_composition":
+    if (x[have] < 0).any():
+      raise DataError(f"modality {name!r} holds negative values, so it is not a composition; "
+                      "use transform 'standard' for it")
+    x = np.log(np.maximum(x, 0.0) + LOG_PSEUDOCOUNT)
+    mean = x[have].mean(0)
+    std = float((x[have] - mean).std())
+    return (x - mean) / (std if std > 1e-12 else 1.0)
+  mean = x[have].mean(0)
+  std = x[have].std(0)
+  return (x - mean) / np.where(std > 1e-12, std, 1.0)
+
+
 def mosaic_from_arrays(modalities: dict[str, np.ndarray], present: np.ndarray, client: np.ndarray,
                        client_names, labels: dict[str, np.ndarray], label_names: dict[str, list[str]],
                        feature_names: dict[str, list[str]] | None = None, sample_ids=None,
-                       description: str = "") -> MosaicData:
-  """Standardises each modality on the samples that hold it and zeroes the absent rows."""
+                       description: str = "", transforms: dict[str, str] | None = None) -> MosaicData:
+  """Scales each modality on the samples that hold it (``transforms[m]``, default ``"standard"``)
+  and zeroes the absent rows."""
   names = list(modalities)
+  transforms = dict(transforms or {})
+  for m, t in transforms.items():
+    if m not in names:
+      raise DataError(f"transforms names modality {m!r}, which the data does not hold; modalities: {names}")
+    if t not in MODALITY_TRANSFORMS:
+      raise DataError(f"unknown transform {t!r} for modality {m!r}; choose one of {MODALITY_TRANSFORMS}")
   present = np.asarray(present, bool)
   n = present.shape[0]
   if present.shape != (n, len(names)):
@@ -86,12 +120,10 @@ def mosaic_from_arrays(modalities: dict[str, np.ndarray], present: np.ndarray, c
       raise DataError(f"modality {m!r} is present in {int(have.sum())} samples; at least 2 are needed to standardise it")
     if not np.isfinite(x[have]).all():
       raise DataError(f"modality {m!r} holds NaN/inf in samples marked present; impute them or mark those samples absent")
-    mean = x[have].mean(0)
-    std = x[have].std(0)
-    std = np.where(std > 1e-12, std, 1.0)
-    z = np.where(have[:, None], (np.where(have[:, None], x, 0.0) - mean) / std, 0.0)
-    out[m] = z.astype(np.float32)
-    full[m] = ((x - mean) / std).astype(np.float32) if np.isfinite(x).all() else None
+    transform = transforms.get(m, "standard")
+    z = _scale(np.where(have[:, None], x, 0.0), have, transform, m)
+    out[m] = np.where(have[:, None], z, 0.0).astype(np.float32)
+    full[m] = _scale(x, have, transform, m).astype(np.float32) if np.isfinite(x).all() else None
   if (present.sum(1) == 0).any():
     raise DataError(f"{int((present.sum(1) == 0).sum())} samples hold no modality at all; drop them")
   feature_names = feature_names or {m: [f"{m}{i}" for i in range(out[m].shape[1])] for m in names}
@@ -137,15 +169,21 @@ def load_nutrimouse(*, seed: int = 0, clients: dict[str, tuple[str, ...]] | None
       labels={"diet": diet, "genotype": genotype},
       label_names={"diet": [str(s) for s in raw["diet_names"]], "genotype": [str(s) for s in raw["genotype_names"]]},
       feature_names=feature_names, sample_ids=[f"mouse{i}" for i in range(n)],
+      transforms=NUTRIMOUSE_TRANSFORMS,
       description=f"nutrimouse (mvlearn): {n} mice, 120 genes + 21 lipids; clients "
-                  + ", ".join(f"{c} ({int((client == k).sum())})" for k, c in enumerate(client_names)))
+                  + ", ".join(f"{c} ({int((client == k).sum())})" for k, c in enumerate(client_names))
+                  + "; genes z-scored, lipids log-composition")
 
 
 def load_mosaic(source, *, seed: int = 0, modality_key: str = "modality", client_key: str = "site",
-                label_keys=("label",)) -> MosaicData:
+                label_keys=("label",), transforms: dict[str, str] | None = None) -> MosaicData:
   """``"nutrimouse"``, or an AnnData/h5ad whose ``var[modality_key]`` names each feature's modality
-  and whose absent modalities are NaN rows (a sample's modality counts as present if any value is finite)."""
+  and whose absent modalities are NaN rows (a sample's modality counts as present if any value is finite).
+  ``transforms``: modality -> ``"standard"`` | ``"log_composition"`` (h5ad input; default standard)."""
   if isinstance(source, str) and source == "nutrimouse":
+    if transforms:
+      raise DataError("the built-in nutrimouse fixes its transforms (genes standard, lipids log_composition);"
+                      " pass transforms only with an h5ad/AnnData input")
     return load_nutrimouse(seed=seed)
   from infl_jax.data import anndata_io
 
@@ -168,4 +206,5 @@ def load_mosaic(source, *, seed: int = 0, modality_key: str = "modality", client
     labels[key], label_names[key] = codes, list(uniq)
   return mosaic_from_arrays(modalities, present, client, client_names, labels, label_names,
                             {m: list(adata.var_names[mod == m]) for m in names}, adata.obs_names,
+                            transforms=transforms,
                             description=f"{source if isinstance(source, str) else 'AnnData'}: mosaic multi-omics")

@@ -1,13 +1,20 @@
 """Multi-omics clustering with missing modalities ("mosaic"): one encoder per modality into a
 shared embedding, trained without labels.
 
-Per sample, each present modality m is encoded to ``z_m``; the joint embedding ``z`` is the
-mean over present modalities. The loss (per sample, averaged over real samples):
+Per sample, each present modality m is encoded to a code ``z_m``. The joint embedding ``z`` is
+either the mean over present modalities' codes (``anchor=None``) or, with an ``anchor`` modality,
+the anchor's code wherever the sample holds it and the mean of the other codes elsewhere: the
+bridge design, where samples that hold both modalities teach the other encoders to land where
+the anchor would have put the sample. The loss (per sample, averaged over real samples):
 
-  * reconstruction of every present modality from ``z`` (denoising: inputs get dropout noise),
-  * cross-reconstruction of each present modality from every *other* present modality's ``z_m``,
-    which is what ties the encoders to one space (only samples holding both teach it),
-  * alignment ``||z_m - z||^2`` between a modality's code and the joint code.
+  * reconstruction of every present modality: from ``z`` (mean fusion) or from its own code
+    (anchored, so the anchor's code is not bent to reconstruct the other modalities);
+  * cross-reconstruction of each present modality from the other present modalities' codes
+    (anchored: the anchor's code enters other decoders without gradient);
+  * alignment ``||z_m - z||^2`` of each code to the joint code (only samples holding two or more);
+  * isometry (optional): pairwise RMS distances between a modality's codes match those between
+    its inputs, so the embedding keeps the geometry that KMeans reads; an autoencoder's code
+    space otherwise stretches arbitrarily.
 
 Clients that lack a modality never run its encoder on real data (its rows are masked out),
 and its encoder's parameters are updated only by clients that hold it.
@@ -31,13 +38,15 @@ class MosaicAutoencoder(nn.Module):
   """``__call__(inputs)`` with ``inputs = (x: {modality: [B, F_m]}, present: [B, M])``.
 
   Returns ``(z [B, E], codes [M, B, E], recon {m: [B, F_m]}, cross {m: [B, F_m]})``; ``cross[m]``
-  decodes modality m from the mean code of the *other* present modalities.
+  decodes modality m from the mean code of the *other* present modalities (anchored: modalities
+  other than the anchor are decoded from the anchor's code).
   """
 
   modality_names: Sequence[str]
   modality_dims: Sequence[int]
   hidden: int = 64
   embed_dim: int = 16
+  anchor: str | None = None
 
   @nn.compact
   def __call__(self, inputs):
@@ -50,28 +59,61 @@ class MosaicAutoencoder(nn.Module):
     w = present.T[..., None]  # [M, B, 1]
     count = jnp.maximum(w.sum(0), 1.0)
     z = (codes * w).sum(0) / count
+    if self.anchor is not None:
+      a = list(self.modality_names).index(self.anchor)
+      z = jnp.where(w[a] > 0, codes[a], z)
     others = ((codes * w).sum(0, keepdims=True) - codes * w) / jnp.maximum(count - w, 1.0)  # [M, B, E]
     recon, cross = {}, {}
     for j, (m, dim) in enumerate(zip(self.modality_names, self.modality_dims)):
       dec_0 = nn.Dense(self.hidden, name=f"dec_{m}_0")
       dec_1 = nn.Dense(dim, name=f"dec_{m}_1")
-      both = jnp.concatenate([z, others[j]], 0)
+      if self.anchor is None:
+        source, translate = z, others[j]
+      else:
+        a = list(self.modality_names).index(self.anchor)
+        source = codes[j]
+        translate = others[j] if j == a else jax.lax.stop_gradient(codes[a])
+      both = jnp.concatenate([source, translate], 0)
       out = dec_1(nn.silu(dec_0(both)))
       recon[m], cross[m] = out[: z.shape[0]], out[z.shape[0]:]
     return z, codes, recon, cross
 
 
 def make_mosaic_model(modality_names, modality_dims, *, hidden: int = 64, embed_dim: int = 16,
-                      key_strength: float = 1.0, variant: str = "modulation"):
+                      key_strength: float = 1.0, variant: str = "modulation", anchor: str | None = None):
   """The keyed mosaic autoencoder (every Dense keyed; FiLM after all but the decoders' outputs)."""
-  plain = MosaicAutoencoder(tuple(modality_names), tuple(int(d) for d in modality_dims), hidden, embed_dim)
+  if anchor is not None and anchor not in modality_names:
+    raise ValueError(f"anchor {anchor!r} is not one of the modalities {list(modality_names)}")
+  plain = MosaicAutoencoder(tuple(modality_names), tuple(int(d) for d in modality_dims), hidden, embed_dim, anchor)
   skip = tuple(f"dec_{m}_1" for m in modality_names)
   return keyed(plain, key_strength=key_strength, variant=variant, film_skip=skip)
 
 
+def _rms_distances(x: jax.Array) -> jax.Array:
+  """[B, D] -> [B, B] root-mean-square differences (a distance on the scale of one feature)."""
+  sq = jnp.mean(jnp.square(x[:, None, :] - x[None, :, :]), -1)
+  return jnp.sqrt(sq + 1e-8)
+
+
+def isometry_loss(code: jax.Array, x: jax.Array, have: jax.Array) -> jax.Array:
+  """Mean squared mismatch of pairwise RMS distances between ``code`` and ``x`` over the pairs of
+  rows that both hold the modality: keeps the input's geometry, which KMeans then reads."""
+  pair = have[:, None] * have[None, :] * (1.0 - jnp.eye(have.shape[0]))
+  err = jnp.square(_rms_distances(code) - _rms_distances(x))
+  return jnp.sum(err * pair) / jnp.maximum(pair.sum(), 1.0)
+
+
 def mosaic_task(model, modality_names: Sequence[str], *, input_dropout: float = 0.2,
-                self_weight: float = 1.0, cross_weight: float = 1.0, align_weight: float = 0.1) -> Task:
-  """Unsupervised loss for client data ``{"x": {m: [N, F_m]}, "present": [N, M]}``."""
+                self_weight: float = 1.0, cross_weight: float = 1.0, align_weight: float = 0.1,
+                isometry_weight: float = 0.0, isometry_modalities: Sequence[str] | None = None) -> Task:
+  """Unsupervised loss for client data ``{"x": {m: [N, F_m]}, "present": [N, M]}``.
+
+  ``isometry_modalities``: the modalities whose codes keep their inputs' distances (default all;
+  with an anchor, the anchor alone, since the others are aligned to it).
+  """
+  isometric = set(modality_names if isometry_modalities is None else isometry_modalities)
+  if not isometric <= set(modality_names):
+    raise ValueError(f"isometry_modalities {sorted(isometric)} are not all among {list(modality_names)}")
 
   def loss(params, model_state, batch, mask, rng, context):
     present = batch["present"] * mask[:, None]
@@ -91,6 +133,8 @@ def mosaic_task(model, modality_names: Sequence[str], *, input_dropout: float = 
       total += cross_weight * jnp.sum(cross_err * have * other) / n_real
       align = jnp.sum(jnp.square(codes[j] - jax.lax.stop_gradient(z)), -1)
       total += align_weight * jnp.sum(align * have * other) / n_real
+      if isometry_weight > 0 and m in isometric:
+        total += isometry_weight * isometry_loss(codes[j], batch["x"][m], have)
     return total, model_state
 
   return Task(loss=loss)

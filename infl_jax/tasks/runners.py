@@ -84,10 +84,15 @@ def train_multiomics(config: TrainConfig, workdir, key: keylib.SecretKey, *, res
   _check_key(config, key)
   data = load_mosaic(config.dataset, seed=config.seed,
                      label_keys=(config.label_key,) if config.label_key else ("label",))
+  if config.mosaic_anchor is not None and config.mosaic_anchor not in data.modality_names:
+    raise UserInputError(f"--mosaic-anchor {config.mosaic_anchor!r} is not a modality of {config.dataset!r}; "
+                         f"choose one of {data.modality_names}, or 'none' for the mean of the present modalities' codes")
   dims = [data.modalities[m].shape[1] for m in data.modality_names]
   model = make_mosaic_model(data.modality_names, dims, hidden=config.hidden[0], embed_dim=config.embed_dim,
-                            key_strength=config.key_strength, variant=config.variant)
-  task = mosaic_task(model, data.modality_names, input_dropout=config.dropout)
+                            key_strength=config.key_strength, variant=config.variant, anchor=config.mosaic_anchor)
+  task = mosaic_task(model, data.modality_names, input_dropout=config.dropout, align_weight=config.align_weight,
+                     isometry_weight=config.isometry_weight,
+                     isometry_modalities=None if config.mosaic_anchor is None else (config.mosaic_anchor,))
   per_client = data.client_arrays()
   clients = stack_clients(per_client, key_version=config.key_version)
   # Full-batch local steps: a client's whole (small) cohort per step.
