@@ -1,4 +1,4 @@
 import os
 
 # Tests compare floats across code paths; keep XLA from using a different thread split per run.
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
