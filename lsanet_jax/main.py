@@ -157,6 +157,8 @@ def run(argv=None) -> dict | None:
         config, data, state=state, start_epoch=start_epoch, best=best,
         callbacks=train.Callbacks(on_epoch_end=on_epoch_end,
                                   should_stop=lambda e: stop_at is not None and e >= stop_at))
+  except train.DataParallelError as e:
+    raise UserInputError(str(e)) from None
   finally:
     bar.close()
     writer.close()

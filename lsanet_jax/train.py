@@ -200,13 +200,25 @@ def resolve_epoch_loop(epoch_loop: str) -> str:
 STEP_STATE_KEYS = ("params", "batch_stats", "opt_state", "step")
 
 
-def data_parallel_mesh(batch_size: int, devices=None) -> Mesh:
+class DataParallelError(ValueError):
+  """A batch that does not split evenly over the devices."""
+
+
+def data_parallel_mesh(batch_size: int, devices=None, *, num_train: int | None = None) -> Mesh:
   """A 1-D mesh over all local devices (axis "data") that every batch is split across.
 
-  Raises ValueError when the batch does not split evenly."""
+  Raises DataParallelError when the batch does not split evenly; ``num_train`` (the training set
+  size, when it is smaller than --batch-size and so is the batch) makes the message name it."""
   devices = list(devices if devices is not None else jax.local_devices())
+  if num_train is not None and num_train < batch_size:
+    if num_train % len(devices):
+      raise DataParallelError(
+          f"the training set holds {num_train} images, fewer than --batch-size {batch_size}, so a batch is the whole "
+          f"set, and {num_train} does not split over {len(devices)} devices: train on more images "
+          f"(--label-fraction) or drop --data-parallel")
+    batch_size = num_train
   if batch_size % len(devices):
-    raise ValueError(f"data-parallel training splits each batch of {batch_size} images over "
+    raise DataParallelError(f"data-parallel training splits each batch of {batch_size} images over "
                      f"{len(devices)} devices: choose a --batch-size divisible by {len(devices)} "
                      f"(or drop --data-parallel)")
   return Mesh(np.array(devices), ("data",))
@@ -337,7 +349,7 @@ def train_and_evaluate(config: TrainConfig, data: MedMNISTData, *, state=None, s
   callbacks = callbacks or Callbacks()
   model = build_model(config, data.n_classes)
   num_train = len(label_fraction_subset(data.train_labels, config.label_fraction, config.seed, data.task))
-  mesh = data_parallel_mesh(min(config.batch_size, num_train)) if config.data_parallel else None
+  mesh = data_parallel_mesh(config.batch_size, num_train=num_train) if config.data_parallel else None
   device_data = prepare_data(config, data, mesh)
   train_images, train_labels = device_data["train"]
   steps = math.ceil(num_train / min(config.batch_size, num_train))

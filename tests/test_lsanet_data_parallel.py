@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""
@@ -73,8 +75,7 @@ print("RESULT" + json.dumps(out))
 
 def test_data_parallel_epochs_equal_single_device_epochs(tmp_path):
   env = dict(os.environ, PYTHONPATH=str(REPO),
-             XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_cpu_multi_thread_eigen=false "
-                       "intra_op_parallelism_threads=1",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_cpu_multi_thread_eigen=false",
              JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, cwd=tmp_path,
                         env=env, timeout=240)
@@ -98,3 +99,13 @@ def test_data_parallel_epochs_equal_single_device_epochs(tmp_path):
   assert summary["config"]["data_parallel"] is True
   assert set(summary["heads"]) == {"aux1", "aux2", "main", "fused"}
   assert all(0.0 <= h["test_auc"] <= 1.0 for h in summary["heads"].values())
+
+
+def test_data_parallel_error_names_a_training_set_smaller_than_the_batch():
+  from lsanet_jax import train
+
+  four = [object()] * 4  # the check runs before any device is touched
+  with pytest.raises(train.DataParallelError, match="training set holds 6 images, fewer than --batch-size 8"):
+    train.data_parallel_mesh(8, four, num_train=6)
+  with pytest.raises(train.DataParallelError, match="divisible by 4"):
+    train.data_parallel_mesh(6, four, num_train=100)
