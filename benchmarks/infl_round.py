@@ -226,18 +226,27 @@ def memory_analysis(compiled) -> dict | None:
   return {name: int(getattr(analysis, name)) for name in names if hasattr(analysis, name)}
 
 
-def time_vmap_round(cfg: BenchConfig, compiled, compile_s: float, state, clients, coords) -> dict:
+def timed_rounds(round_fn, state, max_rounds: int, budget_s: float):
+  """One untimed round, then up to ``max_rounds`` timed ones within ``budget_s`` (at least one).
+
+  Returns (seconds of the first round, the timed rounds' seconds, the last round's second output)."""
   t0 = time.perf_counter()
-  state, metrics = compiled(state, clients, coords)
+  state, out = round_fn(state)
   jax.block_until_ready(state)
   first_round_s = time.perf_counter() - t0
   times = []
   section_start = time.perf_counter()
-  while len(times) < cfg.repeats and (not times or time.perf_counter() - section_start < cfg.section_budget_s):
+  while len(times) < max_rounds and (not times or time.perf_counter() - section_start < budget_s):
     t0 = time.perf_counter()
-    state, metrics = compiled(state, clients, coords)
+    state, out = round_fn(state)
     jax.block_until_ready(state)
     times.append(time.perf_counter() - t0)
+  return first_round_s, times, out
+
+
+def time_vmap_round(cfg: BenchConfig, compiled, compile_s: float, state, clients, coords) -> dict:
+  first_round_s, times, metrics = timed_rounds(lambda s: compiled(s, clients, coords), state, cfg.repeats,
+                                               cfg.section_budget_s)
   return {"compile_s": compile_s, "first_round_s": first_round_s, **median_rate(times),
           "train_loss_last_round": float(metrics["train_loss"])}
 
@@ -307,17 +316,8 @@ class JitLoop:
 
 def time_jit_loop(cfg: BenchConfig, loop: JitLoop, state, clients, coords) -> dict:
   prepared = loop.prepare(clients)
-  t0 = time.perf_counter()
-  state, _ = loop.round(state, prepared, coords)
-  jax.block_until_ready(state)
-  first_round_s = time.perf_counter() - t0
-  times = []
-  section_start = time.perf_counter()
-  while len(times) < cfg.loop_rounds and (not times or time.perf_counter() - section_start < cfg.section_budget_s):
-    t0 = time.perf_counter()
-    state, loss = loop.round(state, prepared, coords)
-    jax.block_until_ready(state)
-    times.append(time.perf_counter() - t0)
+  first_round_s, times, loss = timed_rounds(lambda s: loop.round(s, prepared, coords), state, cfg.loop_rounds,
+                                            cfg.section_budget_s)
   return {"first_round_s (includes compile)": first_round_s, **median_rate(times),
           "train_loss_last_round": float(loss)}
 
