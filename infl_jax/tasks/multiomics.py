@@ -59,18 +59,17 @@ class MosaicAutoencoder(nn.Module):
     w = present.T[..., None]  # [M, B, 1]
     count = jnp.maximum(w.sum(0), 1.0)
     z = (codes * w).sum(0) / count
-    if self.anchor is not None:
-      a = list(self.modality_names).index(self.anchor)
+    a = None if self.anchor is None else list(self.modality_names).index(self.anchor)
+    if a is not None:
       z = jnp.where(w[a] > 0, codes[a], z)
     others = ((codes * w).sum(0, keepdims=True) - codes * w) / jnp.maximum(count - w, 1.0)  # [M, B, E]
     recon, cross = {}, {}
     for j, (m, dim) in enumerate(zip(self.modality_names, self.modality_dims)):
       dec_0 = nn.Dense(self.hidden, name=f"dec_{m}_0")
       dec_1 = nn.Dense(dim, name=f"dec_{m}_1")
-      if self.anchor is None:
+      if a is None:
         source, translate = z, others[j]
       else:
-        a = list(self.modality_names).index(self.anchor)
         source = codes[j]
         translate = others[j] if j == a else jax.lax.stop_gradient(codes[a])
       both = jnp.concatenate([source, translate], 0)
