@@ -56,7 +56,8 @@ import optax  # noqa: E402
 from infl_jax import keys as keylib  # noqa: E402
 from infl_jax import models  # noqa: E402
 from infl_jax.config import PRESETS  # noqa: E402
-from infl_jax.federated import ClientData, LocalConfig, ServerState, client_update, fedavg, stack_clients  # noqa: E402
+from infl_jax.federated import (ClientData, LocalConfig, ServerState, client_update, fedavg, round_keys,  # noqa: E402
+                                stack_clients)
 from infl_jax.tasks.classification import classification_task  # noqa: E402
 
 PROTEOMICS = PRESETS["proteomics"]
@@ -258,9 +259,8 @@ def time_vmap_round(cfg: BenchConfig, compiled, compile_s: float, state, clients
 class JitLoop:
   """One jitted call per client (local training + adding its weighted update to the sums).
 
-  Client i of a round trains with ``fold_in(train_rng, i)``, where ``train_rng`` comes from the
-  round's key exactly as in ``fedavg``'s round, so from the same state this loop and the vmapped
-  round take the same steps; ``check`` in the JSON is the difference between their results.
+  Client i of a round trains with ``fold_in(round_keys(state).train, i)``, as in ``fedavg``'s
+  round, so from the same state this loop and the vmapped round take the same steps; ``check`` in the JSON is the difference between their results.
   """
 
   def __init__(self, work: Workload):
@@ -277,8 +277,7 @@ class JitLoop:
       return sum_delta, sum_state, sum_loss + weight * loss
 
     def start_round(state: ServerState):
-      round_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.round)
-      _, train_rng = jax.random.split(round_rng)
+      train_rng = round_keys(state).train
       zeros = lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree)
       return train_rng, (zeros(state.params), zeros(state.model_state), jnp.float32(0.0))
 

@@ -12,7 +12,7 @@ Across devices, the same round takes ``shard_clients(clients, client_mesh())`` i
 
 from infl_jax.federated.aggregate import weighted_mean
 from infl_jax.federated.client_data import ClientData, stack_clients
-from infl_jax.federated.engine import FederatedAlgorithm, ServerState, fedavg, server_optimizer
+from infl_jax.federated.engine import FederatedAlgorithm, RoundKeys, ServerState, fedavg, round_keys, server_optimizer
 from infl_jax.federated.local import LocalConfig, client_update
 from infl_jax.federated.sharding import CLIENT_AXIS, ShardedClientData, client_mesh, shard_clients
 from infl_jax.federated.task import Task
@@ -22,12 +22,14 @@ __all__ = [
     "ClientData",
     "FederatedAlgorithm",
     "LocalConfig",
+    "RoundKeys",
     "ServerState",
     "ShardedClientData",
     "Task",
     "client_mesh",
     "client_update",
     "fedavg",
+    "round_keys",
     "server_optimizer",
     "shard_clients",
     "stack_clients",

@@ -57,7 +57,7 @@ class ServerState(NamedTuple):
   key_version: jax.Array  # int32, the only version whose updates are accepted
 
 
-class _RoundKeys(NamedTuple):
+class RoundKeys(NamedTuple):
   """A round's PRNG streams, all from ``fold_in(run key, round)``."""
 
   sample: jax.Array
@@ -66,11 +66,12 @@ class _RoundKeys(NamedTuple):
   noise: jax.Array  # aggregate_noise hook
 
 
-def _round_keys(state: ServerState) -> _RoundKeys:
+def round_keys(state: ServerState) -> RoundKeys:
+  """The PRNG streams of the round ``state`` is about to run (loops that mirror the round use them too)."""
   round_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.round)
   sample_rng, train_rng = jax.random.split(round_rng)
-  return _RoundKeys(sample=sample_rng, train=train_rng, transform=jax.random.fold_in(round_rng, _TRANSFORM_STREAM),
-                    noise=jax.random.fold_in(round_rng, _NOISE_STREAM))
+  return RoundKeys(sample=sample_rng, train=train_rng, transform=jax.random.fold_in(round_rng, _TRANSFORM_STREAM),
+                   noise=jax.random.fold_in(round_rng, _NOISE_STREAM))
 
 
 class _UpdateSums(NamedTuple):
@@ -132,7 +133,7 @@ def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
                        key_version=jnp.int32(key_version))
 
   def update_sums(clients: ClientData, rows: jax.Array, ids: jax.Array, valid: jax.Array,
-                  state: ServerState, keys: _RoundKeys, context: Any) -> _UpdateSums:
+                  state: ServerState, keys: RoundKeys, context: Any) -> _UpdateSums:
     """Trains the clients in ``rows`` of ``clients`` and sums their weighted updates.
 
     ``ids`` are the clients' indices in the whole federation (their PRNG streams derive from
@@ -180,7 +181,7 @@ def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
     return _UpdateSums(delta=sum_delta, model_state=sum_state, loss=sum_loss, weight=jnp.sum(weights),
                        num_accepted=jnp.sum(accepted).astype(jnp.int32))
 
-  def server_update(state: ServerState, sums: _UpdateSums, num_sampled: int, keys: _RoundKeys, context: Any):
+  def server_update(state: ServerState, sums: _UpdateSums, num_sampled: int, keys: RoundKeys, context: Any):
     any_accepted = sums.weight > 0
     safe_total = jnp.where(any_accepted, sums.weight, 1.0)
     mean_delta = jax.tree_util.tree_map(lambda s: s / safe_total, sums.delta)
@@ -210,7 +211,7 @@ def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
   def round_fn(state: ServerState, clients: ClientData | ShardedClientData, context: Any = None):
     num_clients = clients.num_clients
     num_sampled = max(1, round(client_fraction * num_clients))
-    keys = _round_keys(state)
+    keys = round_keys(state)
     if num_sampled < num_clients:
       sampled = jnp.sort(jax.random.choice(keys.sample, num_clients, (num_sampled,), replace=False))
     else:
