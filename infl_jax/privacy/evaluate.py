@@ -519,6 +519,16 @@ def plot_privacy_utility(results: dict, workdir) -> None:
   def pick(pred):
     return [r for r in rows if pred(r)]
 
+  def save(fig, ax, xlabel: str, title: str, filename: str):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("attack success: median |Pearson r|")
+    ax.set_ylim(-0.02, 1.05)
+    ax.set_title(f"{results['dataset']}: {title}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(workdir / filename, dpi=120)
+    plt.close(fig)
+
   fig, ax = plt.subplots(figsize=(6, 4.5))
   for attack, marker in (("gradient_inversion", "o"), ("analytic", "^")):
     for hardened, color in ((False, "tab:blue"), (True, "tab:red")):
@@ -533,14 +543,7 @@ def plot_privacy_utility(results: dict, workdir) -> None:
                  label=f"{'hardened' if hardened else 'faithful'}: {attack.replace('_', ' ')}, wrong key (same mode)")
       for r, x, y in zip(sel, xs, ys):
         ax.annotate(f"λ{r['lambda']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-  ax.set_xlabel("key holder's test accuracy")
-  ax.set_ylabel("attack success: median |Pearson r|")
-  ax.set_ylim(-0.02, 1.05)
-  ax.set_title(f"{results['dataset']}: privacy vs utility over λ")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(workdir / "privacy_utility_lambda.png", dpi=120)
-  plt.close(fig)
+  save(fig, ax, "key holder's test accuracy", "privacy vs utility over λ", "privacy_utility_lambda.png")
 
   fig, ax = plt.subplots(figsize=(6, 4.5))
   for attack, marker in (("gradient_inversion", "o"), ("analytic", "^")):
@@ -552,11 +555,4 @@ def plot_privacy_utility(results: dict, workdir) -> None:
     for r, x, y in zip(sel, xs, ys):
       ax.annotate("no DP" if r["dp_epsilon"] is None else f"ε{r['dp_epsilon']:g}", (x, y), fontsize=7,
                   xytext=(3, 3), textcoords="offset points")
-  ax.set_xlabel("test accuracy")
-  ax.set_ylabel("attack success: median |Pearson r|")
-  ax.set_ylim(-0.02, 1.05)
-  ax.set_title(f"{results['dataset']}: DP-FedAvg, privacy vs utility")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(workdir / "privacy_utility_dp.png", dpi=120)
-  plt.close(fig)
+  save(fig, ax, "test accuracy", "DP-FedAvg, privacy vs utility", "privacy_utility_dp.png")
