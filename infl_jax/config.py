@@ -1,12 +1,22 @@
-"""Run settings for ``infl-train``: one dataclass, with per-dataset presets for what the CLI leaves unset."""
+"""Run settings of ``infl-train``: one dataclass whose fields declare the CLI, with per-dataset presets.
+
+Each field is declared once (``runkit.config.option``): its help, flag, ``--help`` group and whether a
+resumed run must share it. The groups are the settings' owners: ``data``, ``model``, ``key``,
+``federated`` and ``run`` serve every task; ``clustering`` (embedding and graph settings of the
+spatial, multi-omics and perturbation tasks) and ``multiomics`` only those (docs/design.md, "Configs").
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-# Reference settings (DESIGN.md section 3) for the built-in data sets; any field set on the
-# command line wins over its preset.
+from runkit.config import check_ranges, option, resume_fingerprint
+
+__all__ = ["GENERIC", "PRESETS", "TrainConfig"]
+
+# Reference settings (docs/design.md, "Data sets and presets") for the built-in data sets; any field
+# set on the command line wins over its preset.
 PRESETS: dict[str, dict[str, Any]] = {
     # lr 1e-3 and 80 rounds x 10 local epochs instead of the reference's 5e-4: with ~28 samples
     # per client (one step per epoch) the reference rate left the model under-trained here.
@@ -19,7 +29,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Heterogeneous-panel study (infl_jax/data/builtin.py): the pbmc settings on 3 site clients.
 PRESETS["pbmc_sites"] = {k: v for k, v in PRESETS["pbmc"].items() if k not in ("n_clients", "partition", "alpha")}
 PRESETS["pbmc_panels"] = dict(PRESETS["pbmc_sites"])
-# Tasks beyond classification (infl_jax/tasks/runners.py).
+# Tasks beyond classification (infl_jax/tasks/).
 # Lipids anchor the embedding: the genes-only client's mice are placed by the gene encoder, which
 # the paired client aligns to the lipid codes (docs/tasks.md, "Multi-omics").
 PRESETS["nutrimouse"] = dict(task="multiomics", hidden=(64,), embed_dim=8, key_strength=1.0, rounds=400,
@@ -35,48 +45,85 @@ PRESETS["perturbation_sim"] = dict(task="perturbation", embed_dim=32, key_streng
 GENERIC = dict(model="mlp", hidden=(256, 128), key_strength=1.0, n_clients=None, rounds=50, local_epochs=1,
                batch_size=64, learning_rate=1e-3, weight_decay=1e-4, dropout=0.2)
 
+_PRESET = "the data set's preset"
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  task: str = "classification"  # or "multiomics", "spatial", "perturbation" (infl_jax/tasks/runners.py)
-  dataset: str = "proteomics"
-  label_key: str | None = None
-  client_key: str | None = None
-  n_clients: int | None = None
-  partition: str | None = None
-  alpha: float = 0.5
-  n_top_features: int | None = None
-  model: str = "mlp"  # "proteomics" (the reference residual network) or "mlp"
-  hidden: tuple[int, ...] = (256, 128)
-  key_strength: float = 1.0
-  variant: str = "modulation"
-  rounds: int = 50
-  local_epochs: int = 1
-  batch_size: int = 64
-  client_fraction: float = 1.0
-  learning_rate: float = 1e-3
-  weight_decay: float = 1e-4
-  dropout: float = 0.2
-  weighting: str = "samples"
-  server_optimizer: str = "fedavg"
-  server_learning_rate: float | None = None
-  prox_mu: float = 0.0
-  key_seed: int = 0
-  key_mode: str = "uniform"
-  key_version: int = 1
-  seed: int = 0
-  eval_every: int = 1
-  checkpoint_every: int = 5
-  keep_checkpoints: int = 3
-  central_baseline: bool = True
-  embed_dim: int = 16  # clustering tasks: size of the learned embedding
-  cluster_method: str = "kmeans"  # clustering tasks: "kmeans" or "leiden"
-  graph_neighbors: int = 6  # spatial task: neighbours per spot in the spatial graph
-  mosaic_anchor: str | None = None  # multiomics: modality whose code is the embedding where present
-  align_weight: float = 0.1  # multiomics: pull of each modality's code towards the joint code
-  isometry_weight: float = 0.0  # multiomics: keep each modality's pairwise distances in its code
-  compute_dtype: str = "float32"  # "bfloat16": mixed precision (bf16 compute, float32 parameters); classification
-  shard_clients: bool = False  # split the clients over all local devices (infl_jax/federated/sharding.py)
+  # data
+  task: str = option("classification", "what to learn; see docs/tasks.md", group="data",
+                     default_help="the data set's preset, else classification")
+  dataset: str = option("proteomics", "built-in data set (proteomics, pbmc, pbmc_sites, pbmc_panels, nutrimouse, "
+                        "spatial, perturbation_sim) or a path to an .h5ad file", group="data")
+  label_key: str | None = option(None, "obs column holding the class label", group="data",
+                                 default_help="the built-in's label")
+  client_key: str | None = option(None, "obs column whose values are the clients (site, plate, patient)",
+                                  group="data")
+  n_clients: int | None = option(None, "number of clients", group="data", minimum=1, default_help=_PRESET)
+  partition: str | None = option(None, "how samples go to clients", group="data",
+                                 choices=("column", "iid", "dirichlet"), default_help=_PRESET)
+  alpha: float = option(0.5, "Dirichlet concentration for --partition dirichlet", group="data", above=0)
+  n_top_features: int | None = option(None, "keep the most variable features (fitted on training data)",
+                                      group="data", minimum=1)
+  # model
+  model: str = option("mlp", "the network: the reference residual proteomics net, or an MLP", group="model",
+                      choices=("proteomics", "mlp"), default_help=_PRESET)
+  hidden: tuple[int, ...] = option((256, 128), "hidden sizes of the MLP, e.g. 256,128", group="model",
+                                   default_help=_PRESET)
+  key_strength: float = option(1.0, "lambda, the privacy knob", aliases=("--lambda",), group="model", minimum=0,
+                               default_help=_PRESET)
+  variant: str = option("modulation", "how the key enters the network", group="model",
+                        choices=("modulation", "positional"))
+  dropout: float = option(0.2, "dropout rate", group="model", minimum=0, maximum=0.99, default_help=_PRESET)
+  compute_dtype: str = option("float32", "mixed precision: bfloat16 compute, float32 parameters, BatchNorm "
+                              "statistics and loss (classification)", flag="--bf16", const="bfloat16",
+                              group="model")
+  # key
+  key_seed: int = option(0, "seed of a newly created key", group="key", resume=False)
+  key_mode: str = option("uniform", "distribution of a newly created key's coordinates", group="key",
+                         choices=("uniform", "normal", "ones", "zeros", "constant"), resume=False)
+  key_version: int = option(1, "key version; updates under another version are rejected", group="key", minimum=0)
+  # federated
+  rounds: int = option(50, "federated rounds", group="federated", resume=False, minimum=1, default_help=_PRESET)
+  local_epochs: int = option(1, "local epochs per round", group="federated", minimum=1, default_help=_PRESET)
+  batch_size: int = option(64, "local batch size", group="federated", minimum=1, default_help=_PRESET)
+  client_fraction: float = option(1.0, "share of clients sampled each round", group="federated", above=0,
+                                  maximum=1)
+  learning_rate: float = option(1e-3, "client Adam step size", group="federated", above=0, default_help=_PRESET)
+  weight_decay: float = option(1e-4, "client L2 weight decay (added to the gradient, as PyTorch's Adam)",
+                               group="federated", minimum=0, default_help=_PRESET)
+  weighting: str = option("samples", "FedAvg weights: n_k or equal", group="federated",
+                          choices=("samples", "uniform"))
+  server_optimizer: str = option("fedavg", "server optimizer", group="federated",
+                                 choices=("fedavg", "fedadam", "fedyogi"))
+  server_learning_rate: float | None = option(None, "server step size", group="federated", above=0,
+                                              default_help="1 for fedavg, 1e-2 for fedadam/fedyogi")
+  prox_mu: float = option(0.0, "FedProx proximal weight (0: plain FedAvg)", group="federated", minimum=0)
+  shard_clients: bool = option(False, "split the clients over all local devices (one round, each device "
+                               "training its share)", flag="--shard-clients", const=True, group="federated",
+                               resume=False)
+  # run
+  seed: int = option(0, "seed of the data split, partition, initialisation and training", group="run")
+  eval_every: int = option(1, "rounds between validation scores", group="run", resume=False, minimum=1)
+  checkpoint_every: int = option(5, "rounds between checkpoints", group="run", resume=False, minimum=1,
+                                 default_help="5; nutrimouse 50, spatial 20, perturbation_sim 10")
+  keep_checkpoints: int = option(3, "checkpoints kept", group="run", resume=False, minimum=1)
+  central_baseline: bool = option(True, "also train the same network centrally on the pooled training data",
+                                  group="run", resume=False)
+  # clustering tasks (spatial, multiomics)
+  embed_dim: int = option(16, "size of the learned embedding", group="clustering", minimum=1)
+  cluster_method: str = option("kmeans", "how embeddings are clustered", group="clustering",
+                               choices=("kmeans", "leiden"))
+  graph_neighbors: int = option(6, "spatial: neighbours per spot; perturbation: co-expression neighbours per "
+                                "gene", group="clustering", minimum=1)
+  # multiomics
+  mosaic_anchor: str | None = option(None, "the modality whose code is a sample's embedding where present (others "
+                                     "are aligned to it); 'none': the mean of the present modalities' codes",
+                                     group="multiomics", default_help="none; lipids for nutrimouse")
+  align_weight: float = option(0.1, "weight pulling each modality's code to the joint code", group="multiomics",
+                               minimum=0)
+  isometry_weight: float = option(0.0, "weight keeping each modality's pairwise distances in its code",
+                                  group="multiomics", minimum=0)
 
   @classmethod
   def for_dataset(cls, dataset: str, **overrides) -> "TrainConfig":
@@ -88,21 +135,13 @@ class TrainConfig:
       values["hidden"] = tuple(values["hidden"])
     return cls(**values)
 
-  def resume_fingerprint(self) -> dict[str, Any]:
-    """Settings a resumed run must share with the run that wrote the checkpoint.
+  def validate(self) -> "TrainConfig":
+    """Raises ValueError naming the flag of an out-of-range setting."""
+    check_ranges(self)
+    return self
 
-    ``rounds`` is left out so a finished run can be extended; nothing about the key
-    but its version is included, since the server never holds key material. Sharding is left
-    out (it changes where clients train, not the result); the compute dtype is left out at its
-    default, so checkpoints written before it existed still resume.
-    """
-    d = dataclasses.asdict(self)
-    for k in ("rounds", "key_seed", "key_mode", "eval_every", "checkpoint_every", "keep_checkpoints",
-              "central_baseline", "shard_clients"):
-      d.pop(k)
-    # Left out at their defaults, so checkpoints written before these settings existed still resume.
-    for k, default in (("compute_dtype", "float32"), ("mosaic_anchor", None), ("align_weight", 0.1),
-                       ("isometry_weight", 0.0)):
-      if d[k] == default:
-        d.pop(k)
-    return d
+  def resume_fingerprint(self) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(settings, defaults)`` a resumed run must share with the run that wrote the checkpoint:
+    every field not declared ``resume=False`` (nothing about the key but its version, since the
+    server never holds key material; not the rounds, so a finished run can be extended)."""
+    return resume_fingerprint(self)

@@ -1,4 +1,4 @@
-"""Secret keys of INFL: M=128 coordinates in d=2 drawn from a seed (DESIGN.md section 2).
+"""Secret keys of INFL: M=128 coordinates in d=2 drawn from a seed (docs/design.md, "Keys").
 
 The seed, the mode and the version identify a key; the coordinates are what a keyed model takes
 as ``apply(..., key_coords=key.coords)``. They are an input, never a parameter: the server and
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from infl_jax.common.cli import UserInputError
+from runkit.errors import UserInputError
 
 __all__ = [
     "KEY_MODES",

@@ -7,78 +7,47 @@ import dataclasses
 import pathlib
 import sys
 
-from infl_jax.common.cli import UserInputError, prepare_workdir, run_cli
 from infl_jax.config import TrainConfig
+from runkit.cli import prepare_workdir, run_cli
+from runkit.config import add_config_arguments, set_fields
+from runkit.errors import UserInputError
+
+__all__ = ["build_parser", "config_from_args", "main", "train_and_evaluate"]
 
 DEFAULT_KEY_NAME = "client_secret.key"
 
 
-def _csv_ints(text: str) -> tuple[int, ...]:
-  try:
-    return tuple(int(t) for t in text.split(",") if t)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 256,128, got {text!r}")
-
-
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="infl-train", description=__doc__,
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--task", choices=["classification", "multiomics", "spatial", "perturbation"],
-                 help="what to learn (default: the data set's preset, else classification); see docs/tasks.md")
-  p.add_argument("--dataset", default="proteomics",
-                 help="built-in data set (proteomics, pbmc, pbmc_sites, pbmc_panels, nutrimouse, spatial, perturbation_sim) or a path"
-                      " to an .h5ad file")
-  p.add_argument("--label-key", help="obs column holding the class label (built-ins have a default)")
-  p.add_argument("--client-key", help="obs column whose values are the clients (site, plate, patient)")
-  p.add_argument("--n-clients", type=int, help="number of clients (default: the data set's preset)")
-  p.add_argument("--partition", choices=["column", "iid", "dirichlet"], help="how samples go to clients")
-  p.add_argument("--alpha", type=float, help="Dirichlet concentration for --partition dirichlet")
-  p.add_argument("--n-top-features", type=int, help="keep the most variable features (fitted on training data)")
-  p.add_argument("--model", choices=["proteomics", "mlp"])
-  p.add_argument("--hidden", type=_csv_ints, help="hidden sizes of the MLP, e.g. 256,128")
-  p.add_argument("--key-strength", "--lambda", dest="key_strength", type=float, help="lambda, the privacy knob")
-  p.add_argument("--variant", choices=["modulation", "positional"])
-  p.add_argument("--rounds", type=int)
-  p.add_argument("--local-epochs", type=int)
-  p.add_argument("--batch-size", type=int)
-  p.add_argument("--client-fraction", type=float, help="share of clients sampled each round")
-  p.add_argument("--learning-rate", type=float)
-  p.add_argument("--weight-decay", type=float)
-  p.add_argument("--dropout", type=float)
-  p.add_argument("--weighting", choices=["samples", "uniform"], help="FedAvg weights: n_k or equal")
-  p.add_argument("--server-optimizer", choices=["fedavg", "fedadam", "fedyogi"])
-  p.add_argument("--server-learning-rate", type=float)
-  p.add_argument("--prox-mu", type=float, help="FedProx proximal weight (0: plain FedAvg)")
-  p.add_argument("--key-file", help=f"the clients' secret key; created if missing (default: WORKDIR/{DEFAULT_KEY_NAME})")
-  p.add_argument("--key-seed", type=int, help="seed of a newly created key")
-  p.add_argument("--key-mode", choices=["uniform", "normal", "ones", "zeros", "constant"])
-  p.add_argument("--key-version", type=int)
-  p.add_argument("--overwrite-key", action="store_true", help="replace an existing key file with a new key")
-  p.add_argument("--seed", type=int, help="seed of the data split, partition, initialisation and training")
-  p.add_argument("--eval-every", type=int)
-  p.add_argument("--checkpoint-every", type=int)
-  p.add_argument("--keep-checkpoints", type=int)
-  p.add_argument("--no-central-baseline", dest="central_baseline", action="store_const", const=False)
-  p.add_argument("--embed-dim", type=int, help="clustering tasks: size of the learned embedding")
-  p.add_argument("--cluster-method", choices=["kmeans", "leiden"], help="clustering tasks: how embeddings are clustered")
-  p.add_argument("--graph-neighbors", type=int, help="spatial: neighbours per spot; perturbation: co-expression neighbours per gene")
-  p.add_argument("--mosaic-anchor", help="multiomics: the modality whose code is a sample's embedding where present"
-                 " (others are aligned to it); 'none': the mean of the present modalities' codes (default"
-                 " except for nutrimouse, whose preset anchors on lipids)")
-  p.add_argument("--align-weight", type=float, help="multiomics: weight pulling each modality's code to the joint code")
-  p.add_argument("--isometry-weight", type=float,
-                 help="multiomics: weight keeping each modality's pairwise distances in its code")
-  p.add_argument("--bf16", dest="compute_dtype", action="store_const", const="bfloat16",
-                 help="mixed precision: bfloat16 compute, float32 parameters, BatchNorm statistics and loss "
-                      "(classification)")
-  p.add_argument("--shard-clients", dest="shard_clients", action="store_const", const=True,
-                 help="split the clients over all local devices (one round, each device training its share)")
+  from infl_jax.tasks.registry import TASKS
+
+  p = argparse.ArgumentParser(prog="infl-train", description=__doc__)
+  groups = add_config_arguments(p, TrainConfig, choices={"task": sorted(TASKS)})
+  groups["key"].add_argument("--key-file", help="the clients' secret key; created if missing "
+                             f"(default: WORKDIR/{DEFAULT_KEY_NAME})")
+  groups["key"].add_argument("--overwrite-key", action="store_true", help="replace an existing key file with a new key")
   p.add_argument("--workdir", required=True, help="folder for checkpoints, metrics.jsonl and summary.json")
   p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its last checkpoint")
   return p
 
 
-def load_or_create_key(args, config: TrainConfig, workdir: pathlib.Path):
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+  """The preset of ``--dataset`` with every option the user set on top, checked."""
+  overrides = set_fields(TrainConfig, args)
+  dataset = overrides.pop("dataset", TrainConfig.dataset)
+  try:
+    config = TrainConfig.for_dataset(dataset, **overrides)
+    if config.mosaic_anchor is not None and config.mosaic_anchor.lower() == "none":
+      config = dataclasses.replace(config, mosaic_anchor=None)
+    config.validate()
+  except (TypeError, ValueError) as e:
+    raise UserInputError(str(e)) from None
+  if config.compute_dtype != "float32" and config.task != "classification":
+    raise UserInputError(f"--bf16 is available for the classification task, not yet for {config.task!r}; "
+                         "drop --bf16")
+  return config
+
+
+def load_or_create_key(args: argparse.Namespace, config: TrainConfig, workdir: pathlib.Path):
   from infl_jax import keys as keylib
 
   path = pathlib.Path(args.key_file) if args.key_file else workdir / DEFAULT_KEY_NAME
@@ -96,33 +65,27 @@ def load_or_create_key(args, config: TrainConfig, workdir: pathlib.Path):
   return key
 
 
+def train_and_evaluate(config: TrainConfig, workdir, key, **kwargs) -> dict:
+  """The dispatcher: runs ``config.task``'s runner (``resume``, ``stop_after_round``, ``show_progress``
+  pass through) and returns its summary."""
+  from infl_jax.tasks.registry import TASKS
+
+  if config.task not in TASKS:
+    raise UserInputError(f"unknown task {config.task!r}; choose --task from {', '.join(sorted(TASKS))}")
+  return TASKS[config.task].run(config, workdir, key, **kwargs)
+
+
 def _main(argv=None) -> None:
-  from infl_jax import train
+  from infl_jax.tasks.registry import TASKS
 
   args = build_parser().parse_args(argv)
-  fields = {f for f in TrainConfig.__dataclass_fields__}
-  overrides = {k: v for k, v in vars(args).items() if k in fields and k != "dataset"}
-  try:
-    config = TrainConfig.for_dataset(args.dataset, **overrides)
-  except TypeError as e:
-    raise UserInputError(str(e))
-  if args.mosaic_anchor is not None and args.mosaic_anchor.lower() == "none":
-    config = dataclasses.replace(config, mosaic_anchor=None)
-  if config.compute_dtype != "float32" and config.task != "classification":
-    raise UserInputError(f"--bf16 is available for the classification task, not yet for {config.task!r}; "
-                         "drop --bf16")
+  config = config_from_args(args)
   workdir = prepare_workdir(args.workdir, resume=args.resume)
   key = load_or_create_key(args, config, workdir)
-  if config.task != "classification":
-    from infl_jax.tasks import runners
-
-    summary = runners.train_and_evaluate(config, workdir, key, resume=args.resume)
-    print(runners.format_summary(summary))
-    print(f"wrote {workdir / 'summary.json'}, {workdir / 'metrics.jsonl'} and {summary['h5ad']}")
-    return
-  summary = train.train_and_evaluate(config, workdir, key, resume=args.resume)
-  print(train.format_summary(summary))
-  print(f"wrote {workdir / 'summary.json'} and {workdir / 'metrics.jsonl'}")
+  summary = train_and_evaluate(config, workdir, key, resume=args.resume)
+  print(TASKS[config.task].format_summary(summary))
+  written = [workdir / "summary.json", workdir / "metrics.jsonl"] + ([summary["h5ad"]] if "h5ad" in summary else [])
+  print(f"wrote {', '.join(map(str, written))}")
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from infl_jax.keyed._params import compute_dtype
 from infl_jax.keyed.transform import KeyedModel, keyed
 
-# Reference settings for the proteomics cohort task (DESIGN.md section 3).
+# Reference settings for the proteomics cohort task (docs/design.md, "Data sets and presets").
 PROTEOMICS_KEY_STRENGTH = 20.0
 PROTEOMICS_DROPOUT = 0.2
 BATCH_NORM_MOMENTUM = 0.9  # PyTorch's momentum 0.1 in Flax's convention
@@ -83,7 +83,7 @@ class ResidualBlock(nn.Module):
 
 
 class PlainProteomicsNet(nn.Module):
-  """The reference proteomics cohort classifier, un-keyed (DESIGN.md section 3).
+  """The reference proteomics cohort classifier, un-keyed (docs/design.md, "Data sets and presets").
 
   Dense(in->64), ``num_blocks`` residual blocks, Dense(64->32)-ReLU-Dropout, Dense(32->classes).
   """

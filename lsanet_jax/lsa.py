@@ -1,9 +1,10 @@
 """The Layer Selective Attention (LSA) module and the classifier heads.
 
-LSA is OUR RECONSTRUCTION (the LSANet paper's full text is not available; DESIGN.md section 5): it
-applies selective-kernel attention across layers instead of kernels. Each branch's pooled feature
-u_i is projected to a common width d, the projections are summed, squeezed to d/r (Dense-BN-ReLU),
-expanded to per-layer channel logits, softmaxed across layers, and fused as v = sum_i a_i * u_i.
+LSA is OUR RECONSTRUCTION (the LSANet paper's full text is not available; docs/design.md,
+"LSANet"): it applies selective-kernel attention across layers instead of kernels. Each branch's
+pooled feature u_i is projected to a common width d, the projections are summed, squeezed to d/r
+(Dense-BN-ReLU), expanded to per-layer channel logits, softmaxed across layers, and fused as
+v = sum_i a_i * u_i.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LSANet assembly: backbone + auxiliary branches + LSA fused head (DESIGN.md section 5).
+"""LSANet assembly: backbone + auxiliary branches + LSA fused head (docs/design.md, "LSANet").
 
 Heads, in order: `aux1..auxK` (one per attachment stage), `main`, and `fused` when LSA is on.
 DKS-style auxiliary branches are fresh copies of all backbone stages after the attachment stage,

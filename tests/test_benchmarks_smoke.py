@@ -10,10 +10,14 @@ import sys
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
 
 
 def _load_benchmark(name: str):
-  spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", REPO / "benchmarks" / f"{name}.py")
+  # The scripts import their siblings (harness, torch_models, ...) as a script run from there would.
+  if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
+  spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = module  # dataclasses look their module up there
   spec.loader.exec_module(module)
@@ -66,11 +70,11 @@ def test_infl_round_benchmark_small(tmp_path):
 
 def test_infl_round_torch_reference_has_our_parameter_count():
   torch = pytest.importorskip("torch")
-  bench = _load_benchmark("infl_round")
+  bench = _load_benchmark("infl_workload")  # infl_round.py's workload
   for num_blocks in (0, 2):
     cfg = bench.BenchConfig(**dict(bench.SMALL, num_blocks=num_blocks))
     variables = bench.init_variables(bench.make_model(cfg), cfg, abstract=True)
-    reference = bench.torch_reference_model(torch, cfg)
+    reference = bench.torch_reference_model(cfg)
     assert sum(p.numel() for p in reference.parameters()) == bench.param_count(variables["params"])
     buffers = sum(b.numel() for name, b in reference.named_buffers() if not name.endswith("num_batches_tracked"))
     assert buffers == bench.param_count(variables.get("batch_stats", {}))

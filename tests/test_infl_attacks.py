@@ -9,7 +9,7 @@ import pytest
 from infl_jax import keys as keylib
 from infl_jax import models
 from infl_jax.attacks import adaptive, analytic, gradient_inversion as gi, membership, metrics
-from infl_jax.common.cli import UserInputError
+from runkit.errors import UserInputError
 from infl_jax.keyed import key_modulation, key_vector
 from infl_jax.privacy import hardened
 

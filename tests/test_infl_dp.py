@@ -8,7 +8,7 @@ import pytest
 
 import dp_accounting
 from dp_accounting.rdp import RdpAccountant
-from infl_jax.common.cli import UserInputError
+from runkit.errors import UserInputError
 from infl_jax.federated import Task, fedavg, stack_clients
 from infl_jax.privacy import dp as dplib
 

@@ -1,4 +1,4 @@
-"""Keyed layers, keys and keyed models of infl_jax (DESIGN.md section 2)."""
+"""Keyed layers, keys and keyed models of infl_jax (docs/design.md, "Keys" and "Keyed layers")."""
 
 import json
 import os
@@ -43,7 +43,7 @@ from infl_jax.models import (
 )
 
 # ---------------------------------------------------------------------------------------------
-# numpy hand computations of the equations in DESIGN.md section 2
+# numpy hand computations of the equations in docs/design.md, "Keyed layers"
 
 
 def np_silu(x):
@@ -401,7 +401,7 @@ def test_key_sensitivity_reports_the_weakness(small_net):
   report = key_sensitivity(
       variables, right, {"seed": wrong_key_like(right).coords, "none": None}, 20.0
   )
-  # Documented weakness (DESIGN.md section 4): another seed gives a nearly identical k.
+  # Documented weakness (docs/design.md, "The known weakness"): another seed gives a nearly identical k.
   assert 0.98 < report["seed"]["k_cosine"] < 1.0
   assert 0 < report["seed"]["weight_rel_diff"] < report["none"]["weight_rel_diff"]
   w = keyed_weights(variables, right, 20.0)

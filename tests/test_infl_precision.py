@@ -11,15 +11,14 @@ import pytest
 
 from infl_jax import keys as keylib
 from infl_jax import models
-from infl_jax.common.checkpoint import Checkpointer
-from infl_jax.common.cli import UserInputError
+from runkit.checkpoint import Checkpointer
+from runkit.errors import UserInputError
 from infl_jax.config import TrainConfig
 from infl_jax.federated import fedavg, stack_clients
 from infl_jax.keyed import FiLM, KeyedDense, PositionalDense
 from infl_jax.keyed._params import compute_dtype
-from infl_jax.main import main
-from infl_jax.tasks.classification import classification_task
-from infl_jax.train import create_model, train_and_evaluate
+from infl_jax.main import main, train_and_evaluate
+from infl_jax.tasks.classification import classification_task, create_model
 
 COORDS = jnp.asarray(keylib.generate_key(0).coords)
 X = jax.random.normal(jax.random.key(0), (16, 12))
@@ -117,12 +116,13 @@ def test_infl_train_bf16_and_sharded_end_to_end(tmp_path):
                                    compute_dtype="bfloat16", shard_clients=True)
   summary = train_and_evaluate(config, tmp_path, keylib.generate_key(3), show_progress=False)
   assert np.isfinite(summary["test"]["right_key"]["accuracy"])
-  ckpt = Checkpointer(pathlib.Path(tmp_path) / "checkpoints", config=config.resume_fingerprint())
+  fingerprint, defaults = config.resume_fingerprint()
+  ckpt = Checkpointer(pathlib.Path(tmp_path) / "checkpoints", config=fingerprint, config_defaults=defaults)
   metadata = ckpt._manager.item_metadata(ckpt.latest_step())["state"]
   ckpt.close()
   assert {str(m.dtype) for m in jax.tree_util.tree_leaves(dict(metadata["params"]))} == {"float32"}
-  assert "compute_dtype" in config.resume_fingerprint()
-  assert "compute_dtype" not in TrainConfig().resume_fingerprint()  # older float32 checkpoints still resume
+  assert fingerprint["compute_dtype"] == "bfloat16"
+  assert defaults["compute_dtype"] == "float32"  # a checkpoint from before the setting resumes as float32
 
 
 def test_bad_precision_settings_give_clear_errors(tmp_path, capsys):

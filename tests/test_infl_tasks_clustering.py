@@ -12,11 +12,12 @@ import pytest
 
 from infl_jax import keys
 from infl_jax.config import TrainConfig
-from infl_jax.tasks import runners
-from infl_jax.common.cli import UserInputError
+from infl_jax.main import train_and_evaluate
+from runkit.errors import UserInputError
 from infl_jax.data import DataError
 from infl_jax.data.multiomics import LOG_PSEUDOCOUNT, mosaic_from_arrays
-from infl_jax.tasks.clustering import clustering_scores, whole_graph
+from infl_jax.tasks.clustering import clustering_scores
+from infl_jax.tasks.spatial import whole_graph
 from infl_jax.tasks.multiomics import isometry_loss, make_mosaic_model
 from infl_jax.tasks.graph import knn_graph, mean_aggregate, restrict_graph, sparsify_similarity
 
@@ -89,7 +90,7 @@ def test_spatial_runner_learns_domains_and_writes_h5ad(tmp_path):
   config = TrainConfig.for_dataset("spatial", label_key="cluster", rounds=15, local_epochs=5, n_top_features=60,
                                    embed_dim=8, hidden=(32,), checkpoint_every=100, learning_rate=3e-3)
   config = dataclasses.replace(config, dataset=str(path))
-  summary = runners.train_and_evaluate(config, tmp_path / "run", keys.generate_key(0), show_progress=False)
+  summary = train_and_evaluate(config, tmp_path / "run", keys.generate_key(0), show_progress=False)
   assert summary["client_sizes"] == [48, 48, 48]
   right = summary["clustering"]["right_key"]["ari"]
   assert right > 0.6, summary["clustering"]
@@ -127,7 +128,7 @@ def test_multiomics_runner_learns_shared_groups_across_a_mosaic(tmp_path, anchor
   fusion = (dict(mosaic_anchor=None, align_weight=0.1, isometry_weight=0.0, dropout=0.2) if anchor is None
             else dict(mosaic_anchor=anchor))
   config = dataclasses.replace(config, dataset=str(path), **fusion)
-  summary = runners.train_and_evaluate(config, tmp_path / "run", keys.generate_key(0), show_progress=False)
+  summary = train_and_evaluate(config, tmp_path / "run", keys.generate_key(0), show_progress=False)
   assert summary["client_modalities"] == {"a": ["rna"], "b": ["protein"], "c": ["rna", "protein"]}
   right = summary["clustering"]["right_key"]["mosaic"]["label"]["ari"]
   assert right > 0.6, summary["clustering"]
@@ -164,7 +165,7 @@ def test_multiomics_runner_refuses_an_anchor_that_is_not_a_modality(tmp_path):
   config = TrainConfig.for_dataset("nutrimouse", label_key="label", client_key="site", rounds=1)
   config = dataclasses.replace(config, dataset=str(path))  # preset anchor "lipids"; modalities rna, protein
   with pytest.raises(UserInputError, match="--mosaic-anchor 'lipids' is not a modality.*rna"):
-    runners.train_and_evaluate(config, tmp_path / "run", keys.generate_key(0), show_progress=False)
+    train_and_evaluate(config, tmp_path / "run", keys.generate_key(0), show_progress=False)
 
 
 def test_log_composition_transform_matches_hand_computation():

@@ -10,9 +10,9 @@ import pytest
 
 from infl_jax import keys
 from infl_jax.config import TrainConfig
+from infl_jax.main import train_and_evaluate
 from infl_jax.data.errors import DataError
 from infl_jax.data.perturbation import load_perturbation, parse_condition
-from infl_jax.tasks import runners
 from infl_jax.tasks.perturbation import perturbation_metrics, top_de_genes
 
 
@@ -70,7 +70,7 @@ def test_real_format_h5ad_runs_end_to_end_and_beats_no_change(tmp_path):
   config = TrainConfig.for_dataset("perturbation_sim", rounds=40, local_epochs=4, embed_dim=16, graph_neighbors=4,
                                    batch_size=32, learning_rate=3e-3, checkpoint_every=100)
   config = dataclasses.replace(config, dataset=str(path))
-  summary = runners.train_and_evaluate(config, tmp_path / "run", keys.generate_key(0), show_progress=False)
+  summary = train_and_evaluate(config, tmp_path / "run", keys.generate_key(0), show_progress=False)
   ours = summary["held_out"]["right_key"]["combo"]
   no_change = summary["baselines"]["no_change_control_mean"]["combo"]
   assert ours["mse_top20_de"] < 0.5 * no_change["mse_top20_de"], (ours, no_change)

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 
 from infl_jax import keys as keylib
-from infl_jax.common.checkpoint import CheckpointError, Checkpointer
+from runkit.checkpoint import CheckpointError, Checkpointer
 from infl_jax.config import TrainConfig
 from infl_jax.federated import ServerState
-from infl_jax.main import main
-from infl_jax.train import train_and_evaluate
+from infl_jax.main import main, train_and_evaluate
 
 SMALL = dict(model="mlp", hidden=(16,), rounds=4, local_epochs=1, batch_size=16, checkpoint_every=1,
              central_baseline=False, n_top_features=200)
@@ -23,7 +22,8 @@ def _config(**kw):
 
 
 def _final_state(workdir, config):
-  ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", config=config.resume_fingerprint())
+  fingerprint, defaults = config.resume_fingerprint()
+  ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", config=fingerprint, config_defaults=defaults)
   step = ckpt.latest_step()
   metadata = ckpt._manager.item_metadata(step)["state"]
   template = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), dict(metadata))

@@ -18,12 +18,13 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp
 import numpy as np
 import optax
-from lsanet_jax import train
+from lsanet_jax import steps, train
+from lsanet_jax.config import TrainConfig
 from lsanet_jax.main import main
 
 assert jax.device_count() == 4, jax.devices()
-config = train.TrainConfig(flag="digits", width=0.0625, lsa_dim=8, batch_size=8, aux="light",
-                           lsa=True, dynamic_aux_weights=True, synergy=True)
+config = TrainConfig(flag="digits", width=0.0625, lsa_dim=8, batch_size=8, aux="light",
+                     lsa=True, dynamic_aux_weights=True, synergy=True)
 # float64 compute and SGD: the data-parallel step sums in a different order, and a 4-channel
 # model's BatchNorm backward amplifies float32 rounding to ~1e-3 relative gradient differences
 # (Adam's normalisation would spread them to every near-zero gradient); in float64 the two runs
@@ -37,15 +38,15 @@ variables = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
                                    train.init_variables(model, (16, 16, 1), train.init_key(0)))
 
 results = {}
-for name, mesh in (("single", None), ("data_parallel", train.data_parallel_mesh(8))):
-  state = train.replicate(train.create_train_state(model, tx, (16, 16, 1), None, variables), mesh)
-  put = jax.device_put if mesh is None else (lambda x: train.replicate(x, mesh))
-  epoch, steps = train.make_train_epoch(model, tx, config, "multi-class", 32, "host", mesh)
+for name, mesh in (("single", None), ("data_parallel", steps.data_parallel_mesh(8))):
+  state = steps.replicate(train.create_train_state(model, tx, (16, 16, 1), None, variables), mesh)
+  put = jax.device_put if mesh is None else (lambda x: steps.replicate(x, mesh))
+  epoch, num_steps = steps.make_train_epoch(model, tx, config, "multi-class", 32, "host", mesh)
   state, metrics = epoch(state, put(images), put(labels), train.epoch_key(0, 1))
-  results[name] = (state, metrics, steps)
+  results[name] = (state, metrics, num_steps)
 
-(s1, m1, steps), (s4, m4, _) = results["single"], results["data_parallel"]
-out = {"steps": steps, "step": int(s4["step"]),
+(s1, m1, num_steps), (s4, m4, _) = results["single"], results["data_parallel"]
+out = {"steps": num_steps, "step": int(s4["step"]),
        "replicated": all(len(x.sharding.device_set) == 4 and x.sharding.is_fully_replicated
                          for x in jax.tree_util.tree_leaves(s4["params"])),
        "max_param_diff": max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
@@ -59,9 +60,9 @@ out = {"steps": steps, "step": int(s4["step"]),
                                                jax.tree_util.tree_leaves(variables["params"]))),
        "metrics": {k: [float(m1[k]), float(m4[k])] for k in m1}}
 try:
-  train.make_train_epoch(model, tx, config.__class__(batch_size=6), "multi-class", 32, "host",
-                         train.data_parallel_mesh(8))
-  train.data_parallel_mesh(6)
+  steps.make_train_epoch(model, tx, config.__class__(batch_size=6), "multi-class", 32, "host",
+                         steps.data_parallel_mesh(8))
+  steps.data_parallel_mesh(6)
 except ValueError as e:
   out["indivisible_error"] = str(e)
 out["cli_rc"] = main(["--flag", "digits", "--data-parallel", "--batch-size", "6",
@@ -102,10 +103,10 @@ def test_data_parallel_epochs_equal_single_device_epochs(tmp_path):
 
 
 def test_data_parallel_error_names_a_training_set_smaller_than_the_batch():
-  from lsanet_jax import train
+  from lsanet_jax import steps
 
   four = [object()] * 4  # the check runs before any device is touched
-  with pytest.raises(train.DataParallelError, match="training set holds 6 images, fewer than --batch-size 8"):
-    train.data_parallel_mesh(8, four, num_train=6)
-  with pytest.raises(train.DataParallelError, match="divisible by 4"):
-    train.data_parallel_mesh(6, four, num_train=100)
+  with pytest.raises(steps.DataParallelError, match="training set holds 6 images, fewer than --batch-size 8"):
+    steps.data_parallel_mesh(8, four, num_train=6)
+  with pytest.raises(steps.DataParallelError, match="divisible by 4"):
+    steps.data_parallel_mesh(6, four, num_train=100)

@@ -122,10 +122,11 @@ def test_bf16_training_step_tracks_fp32_and_keeps_float32_weights():
   import functools
 
   import optax
-  from lsanet_jax import train
+  from lsanet_jax import steps, train
+  from lsanet_jax.config import VARIANTS, TrainConfig
 
-  configs = {name: train.TrainConfig(width=0.0625, lsa_dim=16, bf16=name == "bf16",
-                                     **train.VARIANTS["lsanet"]) for name in ("fp32", "bf16")}
+  configs = {name: TrainConfig(width=0.0625, lsa_dim=16, bf16=name == "bf16", **VARIANTS["lsanet"])
+             for name in ("fp32", "bf16")}
   models = {name: train.build_model(c, 5) for name, c in configs.items()}
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8))
@@ -134,10 +135,10 @@ def test_bf16_training_step_tracks_fp32_and_keeps_float32_weights():
   tx = optax.adam(1e-3)
   logits, states, parts = {}, {}, {}
   for name, model in models.items():
-    out = jax.jit(functools.partial(model.apply, train=False))(variables, train.preprocess(images))
+    out = jax.jit(functools.partial(model.apply, train=False))(variables, steps.preprocess(images))
     logits[name] = out["logits"]
     state = train.create_train_state(model, tx, (16, 16, 3), None, variables)
-    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, config=configs[name],
+    step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, config=configs[name],
                                      task="multi-class"))
     states[name], parts[name] = step(state, images, labels, jax.random.key(1))
   assert set(logits["bf16"]) == {"aux1", "aux2", "main", "fused"}

@@ -3,6 +3,7 @@
 The runs marked slow train real (narrow) networks on CPU; together they take about 2.5 minutes
 on 2 cores. They still run in CI.
 """
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -12,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from lsanet_jax.config import VARIANTS, TrainConfig
 from lsanet_jax.data import digits_as_medmnist, write_medmnist_npz
 from lsanet_jax.main import main
 
@@ -124,7 +126,8 @@ def test_stopped_and_resumed_run_is_bit_identical(ladder_runs, digits_root, tmp_
   assert len(read_rows(workdir)) == 2
   assert main(args + ["--resume"]) == 0
   assert read_rows(workdir) == read_rows(reference)
-  assert summary(workdir)["heads"] == summary(reference)["heads"]
+  timeless = lambda s: {k: v for k, v in s.items() if k != "seconds_this_invocation"}
+  assert timeless(summary(workdir)) == timeless(summary(reference))
   resumed, uninterrupted = checkpoint_arrays(workdir, 3), checkpoint_arrays(reference, 3)
   assert resumed.keys() == uninterrupted.keys() and len(resumed) > 100
   for key in resumed:
@@ -159,13 +162,66 @@ def test_corrupted_or_mismatched_checkpoint_is_refused(ladder_runs, digits_root,
     (["--flag", "bloodmnst"], "unknown dataset flag 'bloodmnst'"),
     (["--flag", "bloodmnist"], "bloodmnist.npz not found"),
     (["--flag", "digits", "--variant", "plain", "--lsa"], "LSA fuses the auxiliary branches"),
-    (["--flag", "digits", "--label-fraction", "0"], "label fraction must be in"),
-    (["--flag", "digits", "--aux-stages", "two"], "--aux-stages"),
+    (["--flag", "digits", "--label-fraction", "0"], "--label-fraction must be a finite number > 0 and <= 1"),
+    (["--flag", "digits", "--aux-stages", "4"], "--aux-stages: auxiliary branches can attach after stages 1..3"),
+    (["--flag", "digits", "--keep-checkpoints", "0"], "--keep-checkpoints must be"),
 ])
 def test_cli_bad_inputs(tmp_path, capsys, argv, message):
   assert main(argv + ["--root", str(tmp_path / "empty"), "--workdir", str(tmp_path / "w")]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and message in err
+  assert not (tmp_path / "w").exists()  # a refused run leaves nothing behind
+
+
+def test_cli_aux_stages_must_be_numbers(tmp_path, capsys):
+  # Parsed by argparse like every typed option: usage, the message and exit status 2.
+  with pytest.raises(SystemExit) as exited:
+    main(["--flag", "digits", "--aux-stages", "two", "--workdir", str(tmp_path / "w")])
+  assert exited.value.code == 2
+  assert "error: argument --aux-stages: expected comma-separated ints such as 1,2, got 'two'" in capsys.readouterr().err
+  assert not (tmp_path / "w").exists()
+
+
+def test_help_lists_every_config_option(capsys):
+  with pytest.raises(SystemExit) as exited:
+    main(["--help"])
+  assert exited.value.code == 0
+  help_text = capsys.readouterr().out
+  for field in dataclasses.fields(TrainConfig):
+    flag = field.metadata["flag"] or "--" + field.name.replace("_", "-")
+    listed = f"{flag} " in help_text or f"{flag}," in help_text or f"{flag}\n" in help_text
+    assert listed == (not field.metadata["no_cli"]), flag
+    if field.type == "bool" and field.metadata["const"] is None:
+      assert f"--no-{flag[2:]}" in help_text, flag
+  for flag in ("--variant", "--download", "--download-url-template", "--workdir", "--resume", "--stop-after-epochs"):
+    assert f"{flag} " in help_text, flag
+
+
+def test_variant_presets_and_the_switches_that_override_them():
+  assert TrainConfig() == TrainConfig.for_variant("lsanet")
+  for variant, switches in VARIANTS.items():
+    config = TrainConfig.for_variant(variant, width=0.5)
+    assert {k: getattr(config, k) for k in switches} == switches and config.width == 0.5
+  # Switching LSA off also switches off the dynamic weights that come from it, unless they are set.
+  assert not TrainConfig.for_variant("lsanet", lsa=False).dynamic_aux_weights
+  assert TrainConfig.for_variant("lsanet", lsa=False, dynamic_aux_weights=True).dynamic_aux_weights
+  # No auxiliary branches also means no knowledge synergy, unless it is set.
+  assert not TrainConfig.for_variant("lsanet", aux="none", lsa=False).synergy
+  assert TrainConfig.for_variant("plain", aux="light").aux == "light"
+  with pytest.raises(ValueError, match="LSA fuses the auxiliary branches"):
+    TrainConfig.for_variant("plain", lsa=True).validate()
+  with pytest.raises(ValueError, match="unknown variant"):
+    TrainConfig.for_variant("dks")
+
+
+def test_resume_check_covers_every_setting_that_changes_the_result():
+  from runkit.config import resume_fingerprint
+  fingerprint, defaults = resume_fingerprint(TrainConfig())
+  # Where the files lie, the device layout and how many checkpoints are kept do not change what is
+  # trained; everything else does (and checkpoints written before the config moved recorded the same set).
+  assert set(fingerprint) == {f.name for f in dataclasses.fields(TrainConfig)} - {"root", "data_parallel",
+                                                                                   "keep_checkpoints"}
+  assert set(defaults) == set(fingerprint)
 
 
 def test_existing_run_is_not_overwritten(tmp_path, capsys):
@@ -187,9 +243,8 @@ def test_scan_epoch_matches_host_loop_epoch():
   """The accelerator default (one lax.scan-compiled epoch) computes what the CPU loop computes."""
   import jax
   import optax
-  from lsanet_jax import train
-  config = train.TrainConfig(flag="digits", width=0.0625, batch_size=16, augment=True,
-                             **train.VARIANTS["plain"])
+  from lsanet_jax import steps, train
+  config = TrainConfig(flag="digits", width=0.0625, batch_size=16, augment=True, **VARIANTS["plain"])
   model = train.build_model(config, 10)
   tx = optax.adam(1e-3)
   rng = np.random.default_rng(0)
@@ -198,9 +253,9 @@ def test_scan_epoch_matches_host_loop_epoch():
   results = {}
   for loop in ("scan", "host"):
     state = train.create_train_state(model, tx, (28, 28, 1), train.init_key(0))
-    epoch, steps = train.make_train_epoch(model, tx, config, "multi-class", 40, loop)
+    epoch, num_steps = steps.make_train_epoch(model, tx, config, "multi-class", 40, loop)
     results[loop] = epoch(state, images, labels, train.epoch_key(0, 1))
-  assert steps == 3
+  assert num_steps == 3
   (s_scan, m_scan), (s_host, m_host) = results["scan"], results["host"]
   assert int(s_scan["step"]) == int(s_host["step"]) == 3
   for key in m_scan:
@@ -212,7 +267,7 @@ def test_scan_epoch_matches_host_loop_epoch():
 def test_preprocess_normalises_and_augments_within_bounds():
   import jax
   import jax.numpy as jnp
-  from lsanet_jax.train import preprocess
+  from lsanet_jax.steps import preprocess
   images = jnp.asarray((np.arange(2 * 28 * 28) % 256).astype(np.uint8).reshape(2, 28, 28, 1))
   plain = preprocess(images)
   np.testing.assert_allclose(plain, (np.asarray(images) / 255.0 - 0.5) / 0.5, atol=1e-6)
@@ -225,7 +280,6 @@ def test_preprocess_normalises_and_augments_within_bounds():
 @pytest.mark.slow
 def test_multilabel_chest_format_trains_with_bce_and_bernoulli_synergy(tmp_path):
   from lsanet_jax import train
-  from lsanet_jax.data import load_medmnist
   rng = np.random.default_rng(0)
   arrays = {}
   for split, n in (("train", 48), ("val", 16), ("test", 16)):
@@ -234,14 +288,15 @@ def test_multilabel_chest_format_trains_with_bce_and_bernoulli_synergy(tmp_path)
     images[:, :8, :8] += (labels[:, :1, None] * 150).astype(np.uint8)  # label 0 is visible
     arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
   write_medmnist_npz(tmp_path / "chestmnist.npz", arrays)
-  data = load_medmnist("chestmnist", tmp_path)
-  config = train.TrainConfig(flag="chestmnist", width=0.0625, aux="light", lsa_dim=8, epochs=2,
-                             batch_size=16, label_fraction=0.5)
-  state, best, history = train.train_and_evaluate(config, data)
+  config = TrainConfig(flag="chestmnist", root=str(tmp_path), width=0.0625, aux="light", lsa_dim=8, epochs=2,
+                       batch_size=16, label_fraction=0.5)
+  result = train.train_and_evaluate(config, tmp_path / "run", show_progress=False)
+  history = read_rows(tmp_path / "run")
   assert len(history) == 2 and all(np.isfinite(r["loss"]) and r["loss_synergy"] >= 0 for r in history)
-  assert set(best["test"]) == {"aux1", "aux2", "main", "fused"}
-  for head in best["test"].values():
-    assert 0.0 <= head["auc"] <= 1.0 and 0.0 <= head["acc"] <= 1.0
+  assert result["heads"] == summary(tmp_path / "run")["heads"] and result["task"] == "multi-label, binary-class"
+  assert set(result["heads"]) == {"aux1", "aux2", "main", "fused"}
+  for head in result["heads"].values():
+    assert 0.0 <= head["test_auc"] <= 1.0 and 0.0 <= head["test_acc"] <= 1.0
 
 
 def test_cli_download_refuses_a_file_with_the_wrong_checksum(tmp_path, capsys):

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from infl_jax import keys as keylib
-from infl_jax.common.cli import UserInputError
+from runkit.errors import UserInputError
 from infl_jax.keyed import KeyEncoder, key_vector
 
 __all__ = ["apply_with_key_vector", "fit_key_vector", "prior_key_vector"]

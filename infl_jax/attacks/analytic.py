@@ -4,8 +4,8 @@ For one sample through a dense first layer ``y = x W + b`` (flax kernel ``W [in,
 gradient is ``dL/dW = x ⊗ dL/dy`` and ``dL/db = dL/dy``: any output unit ``j`` with
 ``dL/db_j != 0`` gives the input exactly, ``x = (dL/dW)[:, j] / (dL/db)_j``.
 
-For a keyed layer ``y = x (W diag(c)) + b + λ tanh t`` with ``c = 1 + λ tanh s`` (DESIGN.md
-section 2), ``dL/dW[:, j] = c_j x (dL/dy)_j`` while ``dL/db_j = (dL/dy)_j``: the same ratio gives
+For a keyed layer ``y = x (W diag(c)) + b + λ tanh t`` with ``c = 1 + λ tanh s`` (docs/design.md,
+"Keyed layers"), ``dL/dW[:, j] = c_j x (dL/dy)_j`` while ``dL/db_j = (dL/dy)_j``: the same ratio gives
 ``c_j x``, the input up to a per-unit scale (FiLM after the layer changes ``dL/dy`` but not this
 structure). Scale-free measures such as |Pearson| see the input unchanged, without the key.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from infl_jax.common.cli import UserInputError
+from runkit.errors import UserInputError
 
 __all__ = ["analytic_ratios", "recover_first_layer_input", "find_first_layer"]
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from infl_jax.common.cli import UserInputError
+from runkit.errors import UserInputError
 
 __all__ = ["InversionConfig", "InversionResult", "gradient_match_loss", "idlg_label", "invert",
            "normalized_gd", "simulated_update_fn", "soft_cross_entropy"]

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infl_jax.common.cli import UserInputError
+from runkit.errors import UserInputError
 
 __all__ = ["attack_metrics", "lira_scores", "logit_confidence", "loss_threshold_scores", "roc_auc",
            "shadow_membership", "tpr_at_fpr", "train_shadow_models"]

@@ -1,4 +1,4 @@
-"""How close a reconstruction is to the truth (DESIGN.md section 4).
+"""How close a reconstruction is to the truth (docs/design.md, "Privacy evaluation").
 
 Omics inputs: MSE, MSE normalised by each feature's standard deviation, |Pearson r|, |Spearman rho|,
 overlap of the top-50 features (by absolute value) and whether the label was recovered.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from infl_jax.common.cli import UserInputError
+from runkit.errors import UserInputError
 
 __all__ = ["image_metrics", "omics_metrics", "summarise", "top_k_overlap"]
 

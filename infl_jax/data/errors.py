@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from infl_jax.common.cli import UserInputError
+from runkit.errors import UserInputError
 
 __all__ = ["DataError"]
 

@@ -3,6 +3,7 @@ of per-site inputs, to a preprocessed ``FederatedSplit``."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import pathlib
@@ -16,26 +17,6 @@ from infl_jax.data.preprocess import Preprocessor
 from infl_jax.data.split import PARTITIONS, FederatedSplit, make_federated_split
 
 __all__ = ["load_dataset"]
-
-
-def _resolve_source(source, *, join: str, site_names, layer, use_raw):
-  """(AnnData, built-in spec or None, default client_key, readable origin)."""
-  if isinstance(source, str) and source in builtin.BUILTIN_DATASETS:
-    spec = builtin.get_builtin(source)
-    if layer is not None or use_raw:
-      raise DataError(f"built-in {source!r} fixes its own matrix; drop layer=/use_raw= (or load_builtin_anndata and pass the AnnData)")
-    return builtin.load_builtin_anndata(source), spec, spec.client_key, source
-  if isinstance(source, (list, tuple)):
-    adata = anndata_io.load_sites(source, site_names=site_names, join=join, layer=layer, use_raw=use_raw)
-    return adata, None, "site", f"{len(source)} sites"
-  if isinstance(source, str) and not pathlib.Path(source).suffix and not os.path.exists(source):
-    close = difflib.get_close_matches(source, builtin.available_datasets(), n=1)
-    raise DataError(
-        f"unknown dataset {source!r}{f' (did you mean {close[0]!r}?)' if close else ''}; built-in data sets:"
-        f" {', '.join(builtin.available_datasets())}; or pass a path to an .h5ad file, or an AnnData object")
-  adata = anndata_io.as_anndata(source)
-  origin = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "AnnData"
-  return adata, None, None, origin
 
 
 def load_dataset(
@@ -93,13 +74,102 @@ def load_dataset(
   """
   adata, spec, default_client_key, origin = _resolve_source(
       source, join=join, site_names=site_names, layer=layer, use_raw=use_raw)
+  options = _settle_options(adata, spec, default_client_key, origin, label_key=label_key, client_key=client_key,
+                            n_clients=n_clients, partition=partition, alpha=alpha, log_transform=log_transform)
+  union_info = _union_feature_join(adata)
+  if union_info is not None and impute is None:
+    # Features a site did not measure are NaN: fill them with the training mean of the sites
+    # that measured them, which standardisation maps to exactly 0 (the masked value).
+    impute = "mean"
+  samples = _read_labelled_samples(
+      adata, options, drop_unlabelled=drop_unlabelled, layer=layer, use_raw=use_raw,
+      matrix_in_x=spec is not None or isinstance(source, (list, tuple)))
+  samples = _drop_rare_classes(samples, min_class_count)
+  name = spec.name if spec is not None else origin
+  split = make_federated_split(
+      samples.x, samples.y, partition=options.partition, n_clients=options.n_clients, groups=samples.groups,
+      alpha=options.alpha, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+      preprocessor=Preprocessor(log_transform=options.log_transform, impute=impute, n_top_features=n_top_features,
+                                standardize=standardize),
+      min_client_size=min_client_size, feature_names=samples.feature_names, class_names=samples.class_names,
+      sample_ids=samples.sample_ids, description=_describe(name, options, samples.notes))
+  _record_provenance(split, name, options, union_info, layer=layer, use_raw=use_raw, min_class_count=min_class_count,
+                     drop_unlabelled=drop_unlabelled, join=join)
+  return split
 
-  if label_key is None:
-    if spec is None:
-      raise DataError(
-          f"label_key is required for {origin}: pass the obs column holding the class, one of "
-          f"{preview(list(adata.obs.columns), 30) or '(no obs columns)'}")
-    label_key = spec.label_key
+
+def _resolve_source(source, *, join: str, site_names, layer, use_raw):
+  """(AnnData, built-in spec or None, default client_key, readable origin)."""
+  if isinstance(source, str) and source in builtin.BUILTIN_DATASETS:
+    spec = builtin.get_builtin(source)
+    if layer is not None or use_raw:
+      raise DataError(f"built-in {source!r} fixes its own matrix; drop layer=/use_raw= (or load_builtin_anndata and pass the AnnData)")
+    return builtin.load_builtin_anndata(source), spec, spec.client_key, source
+  if isinstance(source, (list, tuple)):
+    adata = anndata_io.load_sites(source, site_names=site_names, join=join, layer=layer, use_raw=use_raw)
+    return adata, None, "site", f"{len(source)} sites"
+  if isinstance(source, str) and not pathlib.Path(source).suffix and not os.path.exists(source):
+    close = difflib.get_close_matches(source, builtin.available_datasets(), n=1)
+    raise DataError(
+        f"unknown dataset {source!r}{f' (did you mean {close[0]!r}?)' if close else ''}; built-in data sets:"
+        f" {', '.join(builtin.available_datasets())}; or pass a path to an .h5ad file, or an AnnData object")
+  adata = anndata_io.as_anndata(source)
+  origin = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "AnnData"
+  return adata, None, None, origin
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoadOptions:
+  """The caller's choices with the built-in's (or generic) defaults filled in and checked."""
+
+  label_key: str
+  client_key: str | None  # set exactly when partition == "column"
+  partition: str
+  n_clients: int | None
+  alpha: float
+  log_transform: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _LabelledSamples:
+  """The rows handed to the split, and what was left out on the way (for the description)."""
+
+  x: np.ndarray
+  y: np.ndarray
+  groups: np.ndarray | None  # client values per row, only for partition="column"
+  sample_ids: np.ndarray
+  feature_names: list[str]
+  class_names: list[str]
+  notes: tuple[str, ...] = ()
+
+
+def _settle_options(adata, spec, default_client_key, origin, *, label_key, client_key, n_clients, partition,
+                    alpha, log_transform) -> _LoadOptions:
+  """Fills unset options from the built-in ``spec`` (or generic defaults) and rejects bad combinations."""
+  label_key = _choose_label_key(label_key, adata, spec, origin)
+  partition = _choose_partition(partition, client_key, spec, default_client_key)
+  client_key, n_clients = _choose_clients(partition, client_key, n_clients, adata, spec, default_client_key)
+  if alpha is None:
+    alpha = spec.alpha if spec is not None else 0.5
+  if log_transform is None:
+    log_transform = spec.log_transform if spec is not None else "none"
+  return _LoadOptions(label_key=label_key, client_key=client_key, partition=partition, n_clients=n_clients,
+                      alpha=alpha, log_transform=log_transform)
+
+
+def _choose_label_key(label_key, adata, spec, origin) -> str:
+  """The caller's label column, else the built-in's; other data has no sensible default."""
+  if label_key is not None:
+    return label_key
+  if spec is None:
+    raise DataError(
+        f"label_key is required for {origin}: pass the obs column holding the class, one of "
+        f"{preview(list(adata.obs.columns), 30) or '(no obs columns)'}")
+  return spec.label_key
+
+
+def _choose_partition(partition, client_key, spec, default_client_key) -> str:
+  """The caller's partition; a client_key implies "column"; else the built-in's, else by site if known."""
   if partition is None:
     if client_key is not None:
       partition = "column"
@@ -109,6 +179,11 @@ def load_dataset(
       partition = "column" if default_client_key else "iid"
   if partition not in PARTITIONS:
     raise DataError(f"unknown partition {partition!r}; choose one of {', '.join(PARTITIONS)}")
+  return partition
+
+
+def _choose_clients(partition, client_key, n_clients, adata, spec, default_client_key):
+  """(client_key, n_clients): the obs column naming clients for "column", else how many to draw."""
   if partition == "column":
     client_key = client_key or default_client_key
     if client_key is None:
@@ -117,68 +192,76 @@ def load_dataset(
           f" columns: {preview(list(adata.obs.columns), 30)}; or use partition='iid'/'dirichlet' with n_clients")
   elif client_key is not None:
     raise DataError(f"client_key is only used with partition='column', not {partition!r}; drop one of them")
+  # The built-in's client count only fits its own partition.
   if n_clients is None and spec is not None and partition == spec.partition:
     n_clients = spec.n_clients
   if partition != "column" and n_clients is None:
     raise DataError(f"partition={partition!r} needs n_clients (e.g. n_clients=5)")
-  if alpha is None:
-    alpha = spec.alpha if spec is not None else 0.5
-  if log_transform is None:
-    log_transform = spec.log_transform if spec is not None else "none"
-  union_info = adata.uns.get("feature_join", {}) if hasattr(adata, "uns") else {}
-  union_join = union_info.get("join") == "union" and "present" in union_info
-  if union_join and impute is None:
-    # Features a site did not measure are NaN: fill them with the training mean of the sites
-    # that measured them, which standardisation maps to exactly 0 (the masked value).
-    impute = "mean"
+  return client_key, n_clients
 
-  y, class_names, keep = anndata_io.encode_labels(adata, label_key, drop_unlabelled=drop_unlabelled)
-  groups = anndata_io.obs_column(adata, client_key, "client")[keep] if partition == "column" else None
-  if spec is not None or isinstance(source, (list, tuple)):
+
+def _union_feature_join(adata) -> dict | None:
+  """``load_sites(join="union")``'s record of which site measured which feature, if ``adata`` has one."""
+  union_info = adata.uns.get("feature_join", {}) if hasattr(adata, "uns") else {}
+  return union_info if union_info.get("join") == "union" and "present" in union_info else None
+
+
+def _read_labelled_samples(adata, options: _LoadOptions, *, drop_unlabelled, layer, use_raw,
+                           matrix_in_x) -> _LabelledSamples:
+  """Labels, client groups, features and sample ids of the labelled samples."""
+  y, class_names, keep = anndata_io.encode_labels(adata, options.label_key, drop_unlabelled=drop_unlabelled)
+  groups = anndata_io.obs_column(adata, options.client_key, "client")[keep] if options.partition == "column" else None
+  if matrix_in_x:
     # Built-ins and load_sites already hold the chosen matrix in X.
     x, feature_names = anndata_io.feature_matrix(adata)
   else:
     x, feature_names = anndata_io.feature_matrix(adata, layer=layer, use_raw=use_raw)
-  x = x[keep]
-  sample_ids = np.asarray(adata.obs_names, dtype=str)[keep]
+  notes = () if keep.all() else (f"{int((~keep).sum())} unlabelled samples dropped",)
+  return _LabelledSamples(x=x[keep], y=y, groups=groups, sample_ids=np.asarray(adata.obs_names, dtype=str)[keep],
+                          feature_names=feature_names, class_names=class_names, notes=notes)
 
-  notes = []
-  if not keep.all():
-    notes.append(f"{int((~keep).sum())} unlabelled samples dropped")
-  if min_class_count is not None:
-    counts = np.bincount(y, minlength=len(class_names))
-    rare = np.flatnonzero(counts < min_class_count)
-    if rare.size:
-      notes.append(f"classes with < {min_class_count} samples dropped: {preview([class_names[c] for c in rare])}")
-      kept_classes = np.flatnonzero(counts >= min_class_count)
-      if kept_classes.size < 2:
-        raise DataError(f"min_class_count={min_class_count} leaves {kept_classes.size} class(es); lower it")
-      rows = np.isin(y, kept_classes)
-      remap = np.full(len(class_names), -1, np.int32)
-      remap[kept_classes] = np.arange(kept_classes.size, dtype=np.int32)
-      x, y, sample_ids = x[rows], remap[y[rows]], sample_ids[rows]
-      groups = groups[rows] if groups is not None else None
-      class_names = [class_names[c] for c in kept_classes]
 
-  name = spec.name if spec is not None else origin
-  description = f"{name} [label {label_key}" + (f", clients by {client_key}" if partition == "column" else "") + "]"
+def _drop_rare_classes(samples: _LabelledSamples, min_class_count: int | None) -> _LabelledSamples:
+  """Leaves out classes with fewer than ``min_class_count`` samples and renumbers the rest 0..C-1."""
+  if min_class_count is None:
+    return samples
+  counts = np.bincount(samples.y, minlength=len(samples.class_names))
+  rare = np.flatnonzero(counts < min_class_count)
+  if not rare.size:
+    return samples
+  note = f"classes with < {min_class_count} samples dropped: {preview([samples.class_names[c] for c in rare])}"
+  kept_classes = np.flatnonzero(counts >= min_class_count)
+  if kept_classes.size < 2:
+    raise DataError(f"min_class_count={min_class_count} leaves {kept_classes.size} class(es); lower it")
+  rows = np.isin(samples.y, kept_classes)
+  remap = np.full(len(samples.class_names), -1, np.int32)
+  remap[kept_classes] = np.arange(kept_classes.size, dtype=np.int32)
+  return dataclasses.replace(
+      samples, x=samples.x[rows], y=remap[samples.y[rows]], sample_ids=samples.sample_ids[rows],
+      groups=samples.groups[rows] if samples.groups is not None else None,
+      class_names=[samples.class_names[c] for c in kept_classes], notes=samples.notes + (note,))
+
+
+def _describe(name: str, options: _LoadOptions, notes: Sequence[str]) -> str:
+  """Where the data came from, its label and client columns, and what loading left out."""
+  description = (f"{name} [label {options.label_key}"
+                 + (f", clients by {options.client_key}" if options.partition == "column" else "") + "]")
   if notes:
     description += " (" + "; ".join(notes) + ")"
-  split = make_federated_split(
-      x, y, partition=partition, n_clients=n_clients, groups=groups, alpha=alpha,
-      val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-      preprocessor=Preprocessor(log_transform=log_transform, impute=impute, n_top_features=n_top_features,
-                                standardize=standardize),
-      min_client_size=min_client_size, feature_names=feature_names, class_names=class_names,
-      sample_ids=sample_ids, description=description)
-  split.config.update({"source": name, "label_key": label_key, "client_key": client_key if partition == "column" else None,
-                       "layer": layer, "use_raw": use_raw, "min_class_count": min_class_count,
-                       "drop_unlabelled": drop_unlabelled, "join": join})
-  if union_join:
+  return description
+
+
+def _record_provenance(split: FederatedSplit, name: str, options: _LoadOptions, union_info: dict | None,
+                       **loader_args) -> None:
+  """Adds the loading options to ``split.config`` so the run can be reproduced from it."""
+  split.config.update({"source": name, "label_key": options.label_key,
+                       "client_key": options.client_key if options.partition == "column" else None, **loader_args})
+  if union_info is not None:
+    # Which features each client measured, on the features kept after preprocessing.
     present = np.asarray(union_info["present"]).astype(bool)
-    site_names_ = [str(s) for s in union_info["sites"]]
+    site_names = [str(s) for s in union_info["sites"]]
     kept = split.preprocessing.feature_index
     split.config["join"] = "union"
     split.config["feature_present"] = {
-        name: present[site_names_.index(name)][kept].tolist() for name in split.client_names if name in site_names_}
-  return split
+        client: present[site_names.index(client)][kept].tolist() for client in split.client_names
+        if client in site_names}

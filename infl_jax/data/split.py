@@ -132,6 +132,44 @@ def make_federated_split(
   """
   if partition not in PARTITIONS:
     raise DataError(f"unknown partition {partition!r}; choose one of {', '.join(PARTITIONS)}")
+  x, y, feature_names, class_names = _checked_arrays(x, y, feature_names, class_names)
+  n, f = x.shape
+  sample_ids = np.asarray(sample_ids, dtype=str) if sample_ids is not None else np.array([str(i) for i in range(n)])
+  preprocessor = _unfitted_preprocessor(preprocessor)
+  # Check all rows up front so the error counts every bad value, not only the training ones.
+  check_finite(x, feature_names, allow_nan=preprocessor.impute is not None)
+
+  holdout_seed, partition_seed = np.random.SeedSequence(seed).spawn(2)
+  train, val, test = partition_lib.stratified_holdout(
+      y, val_fraction, test_fraction, np.random.default_rng(holdout_seed), class_names=class_names)
+  client, client_names = _partition_training_rows(
+      partition, y[train], train, groups, n_samples=n, n_clients=n_clients, alpha=alpha,
+      min_client_size=min_client_size, rng=np.random.default_rng(partition_seed))
+  sizes = _nonempty_client_sizes(client, client_names)
+
+  # Group the training rows by client (client 0's first), as FederatedSplit promises.
+  order = np.argsort(client, kind="stable")
+  train, client = train[order], client[order]
+  train_x, val_x, test_x = _fit_on_train_and_transform(preprocessor, x, feature_names, train, val, test)
+  kept_names = preprocessor.selected_names(feature_names)
+  auto = (f"{n} samples x {f} features, {len(class_names)} classes; train {len(train)} over {len(client_names)}"
+          f" clients ({partition}{f', alpha={alpha}' if partition == 'dirichlet' else ''}; sizes"
+          f" {', '.join(map(str, sizes))}), val {len(val)}, test {len(test)}; seed {seed}; preprocessing:"
+          f" {preprocessor.describe()}; {len(kept_names)} features kept")
+  return FederatedSplit(
+      train_x=train_x, train_y=y[train].astype(np.int32), train_client=client.astype(np.int32),
+      val_x=val_x, val_y=y[val].astype(np.int32),
+      test_x=test_x, test_y=y[test].astype(np.int32),
+      feature_names=kept_names, class_names=list(class_names), client_names=list(client_names),
+      preprocessing=preprocessor, description=f"{description}: {auto}" if description else auto,
+      train_ids=sample_ids[train], val_ids=sample_ids[val], test_ids=sample_ids[test],
+      config={"partition": partition, "n_clients": len(client_names), "alpha": alpha,
+              "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed,
+              "min_client_size": min_client_size})
+
+
+def _checked_arrays(x, y, feature_names, class_names):
+  """(x, y, feature names, class names) as arrays and lists, or an error naming what is wrong."""
   x = np.asarray(x)
   y = np.asarray(y)
   if x.ndim != 2:
@@ -150,59 +188,58 @@ def make_federated_split(
     raise DataError(f"y must hold class ids in 0..{len(class_names) - 1}, got range {y.min()}..{y.max()}")
   if len(np.unique(y)) < 2:
     raise DataError(f"the labels hold a single class ({class_names[int(y[0])] if n else 'no samples'}); a classifier needs at least 2")
-  sample_ids = np.asarray(sample_ids, dtype=str) if sample_ids is not None else np.array([str(i) for i in range(n)])
+  return x, y, feature_names, class_names
+
+
+def _unfitted_preprocessor(preprocessor: Preprocessor | None) -> Preprocessor:
+  """The caller's preprocessor (default: standardise only), which must not be fitted yet."""
   preprocessor = preprocessor if preprocessor is not None else Preprocessor()
   if preprocessor.fitted:
     raise DataError("pass an unfitted Preprocessor: it is fitted here on the training split only")
-  # Check all rows up front so the error counts every bad value, not only the training ones.
-  check_finite(x, feature_names, allow_nan=preprocessor.impute is not None)
+  return preprocessor
 
-  holdout_seed, partition_seed = np.random.SeedSequence(seed).spawn(2)
-  train, val, test = partition_lib.stratified_holdout(
-      y, val_fraction, test_fraction, np.random.default_rng(holdout_seed), class_names=class_names)
-  partition_rng = np.random.default_rng(partition_seed)
+
+def _partition_training_rows(partition, train_y, train, groups, *, n_samples, n_clients, alpha, min_client_size,
+                             rng) -> tuple[np.ndarray, list[str]]:
+  """(client id per training row, client names) for the chosen partition."""
   if partition == "column":
-    if groups is None:
-      raise DataError("partition='column' needs the per-sample group values (client_key=<obs column>)")
-    groups = np.asarray(groups, dtype=object)
-    if len(groups) != n:
-      raise DataError(f"groups has {len(groups)} values for {n} samples")
-    train_groups = groups[train]
-    lost = sorted(set(map(str, groups)) - set(map(str, train_groups)))
-    if lost:
-      raise DataError(
-          f"client group(s) {preview([repr(g) for g in lost])} have no training samples after holding out val/test (too few"
-          " samples); merge or drop those groups, or lower val_fraction/test_fraction")
-    client, client_names = partition_lib.partition_by_column(train_groups, n_clients, partition_rng, y=y[train])
+    return _partition_by_groups(groups, train, train_y, n_samples=n_samples, n_clients=n_clients, rng=rng)
+  if n_clients is None:
+    raise DataError(f"partition={partition!r} needs n_clients (e.g. n_clients=5)")
+  if partition == "iid":
+    client = partition_lib.partition_iid(train_y, n_clients, rng)
   else:
-    if n_clients is None:
-      raise DataError(f"partition={partition!r} needs n_clients (e.g. n_clients=5)")
-    if partition == "iid":
-      client = partition_lib.partition_iid(y[train], n_clients, partition_rng)
-    else:
-      client = partition_lib.partition_dirichlet(y[train], n_clients, alpha, partition_rng, min_size=min_client_size)
-    client_names = [f"client{k}" for k in range(int(n_clients))]
+    client = partition_lib.partition_dirichlet(train_y, n_clients, alpha, rng, min_size=min_client_size)
+  return client, [f"client{k}" for k in range(int(n_clients))]
+
+
+def _partition_by_groups(groups, train, train_y, *, n_samples, n_clients, rng) -> tuple[np.ndarray, list[str]]:
+  """Clients from per-sample group values (site/plate/patient); every group must keep training rows."""
+  if groups is None:
+    raise DataError("partition='column' needs the per-sample group values (client_key=<obs column>)")
+  groups = np.asarray(groups, dtype=object)
+  if len(groups) != n_samples:
+    raise DataError(f"groups has {len(groups)} values for {n_samples} samples")
+  train_groups = groups[train]
+  lost = sorted(set(map(str, groups)) - set(map(str, train_groups)))
+  if lost:
+    raise DataError(
+        f"client group(s) {preview([repr(g) for g in lost])} have no training samples after holding out val/test (too few"
+        " samples); merge or drop those groups, or lower val_fraction/test_fraction")
+  return partition_lib.partition_by_column(train_groups, n_clients, rng, y=train_y)
+
+
+def _nonempty_client_sizes(client: np.ndarray, client_names: Sequence[str]) -> np.ndarray:
+  """Training rows per client; a client without any is an error (it could not train)."""
   sizes = np.bincount(client, minlength=len(client_names))
   if (sizes == 0).any():
     empty = [client_names[k] for k in np.flatnonzero(sizes == 0)]
     raise DataError(f"client(s) {preview(empty)} got no training samples; lower n_clients or change the partition")
+  return sizes
 
-  order = np.argsort(client, kind="stable")
-  train, client = train[order], client[order]
+
+def _fit_on_train_and_transform(preprocessor: Preprocessor, x: np.ndarray, feature_names: list[str], train: np.ndarray,
+                                val: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Fits ``preprocessor`` on the training rows only (no held-out leakage) and applies it to all three splits."""
   preprocessor.fit(x[train], feature_names)
-  transform = lambda idx: preprocessor.transform(x[idx], feature_names)
-  kept_names = preprocessor.selected_names(feature_names)
-  auto = (f"{n} samples x {f} features, {len(class_names)} classes; train {len(train)} over {len(client_names)}"
-          f" clients ({partition}{f', alpha={alpha}' if partition == 'dirichlet' else ''}; sizes"
-          f" {', '.join(map(str, sizes))}), val {len(val)}, test {len(test)}; seed {seed}; preprocessing:"
-          f" {preprocessor.describe()}; {len(kept_names)} features kept")
-  return FederatedSplit(
-      train_x=transform(train), train_y=y[train].astype(np.int32), train_client=client.astype(np.int32),
-      val_x=transform(val), val_y=y[val].astype(np.int32),
-      test_x=transform(test), test_y=y[test].astype(np.int32),
-      feature_names=kept_names, class_names=list(class_names), client_names=list(client_names),
-      preprocessing=preprocessor, description=f"{description}: {auto}" if description else auto,
-      train_ids=sample_ids[train], val_ids=sample_ids[val], test_ids=sample_ids[test],
-      config={"partition": partition, "n_clients": len(client_names), "alpha": alpha,
-              "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed,
-              "min_client_size": min_client_size})
+  return tuple(preprocessor.transform(x[rows], feature_names) for rows in (train, val, test))

@@ -6,14 +6,18 @@ A federated algorithm is a pair of pure functions, like an optax transformation:
     server_state = algo.init(variables, rng)
     server_state, metrics = jax.jit(algo.round)(server_state, clients, context)
 
-Across devices, the same round takes ``shard_clients(clients, client_mesh())`` instead of
+``algorithm_from_config`` builds ``algo`` from run settings and ``run_rounds`` is the one round
+loop (metrics, checkpoints, resume). Across devices, the same round takes ``shard_clients(clients, client_mesh())`` instead of
 ``clients`` (see ``sharding.py``).
 """
 
 from infl_jax.federated.aggregate import weighted_mean
+from infl_jax.federated.builder import algorithm_from_config, client_optimizer_from_config
 from infl_jax.federated.client_data import ClientData, stack_clients
-from infl_jax.federated.engine import FederatedAlgorithm, RoundKeys, ServerState, fedavg, round_keys, server_optimizer
+from infl_jax.federated.engine import (FederatedAlgorithm, RoundKeys, ServerState, fedavg, global_variables,
+                                      round_keys, server_optimizer)
 from infl_jax.federated.local import LocalConfig, client_update
+from infl_jax.federated.loop import RoundsResult, RunDir, run_rounds
 from infl_jax.federated.sharding import CLIENT_AXIS, ShardedClientData, client_mesh, shard_clients
 from infl_jax.federated.task import Task
 
@@ -23,13 +27,19 @@ __all__ = [
     "FederatedAlgorithm",
     "LocalConfig",
     "RoundKeys",
+    "RoundsResult",
+    "RunDir",
     "ServerState",
     "ShardedClientData",
     "Task",
+    "algorithm_from_config",
+    "client_optimizer_from_config",
     "client_mesh",
     "client_update",
     "fedavg",
+    "global_variables",
     "round_keys",
+    "run_rounds",
     "server_optimizer",
     "shard_clients",
     "stack_clients",

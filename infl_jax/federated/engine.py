@@ -25,6 +25,7 @@ sampling and local training do not use, so a run without hooks is unchanged.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -55,6 +56,11 @@ class ServerState(NamedTuple):
   round: jax.Array  # int32, rounds completed
   rng: jax.Array  # uint32 raw key data (checkpointable); round r uses fold_in(rng, r)
   key_version: jax.Array  # int32, the only version whose updates are accepted
+
+
+def global_variables(state: ServerState) -> dict:
+  """The global model's flax variables: ``{"params": ..., **model_state}``."""
+  return {"params": state.params, **state.model_state}
 
 
 class RoundKeys(NamedTuple):
@@ -101,6 +107,20 @@ def server_optimizer(name: str = "fedavg", learning_rate: float | None = None) -
   raise ValueError(f"unknown server optimizer {name!r}; choose one of fedavg, fedadam, fedyogi")
 
 
+class _RoundSpec(NamedTuple):
+  """The static settings of a round (closed over by ``fedavg``'s functions, never traced)."""
+
+  task: Task
+  client_optimizer: optax.GradientTransformation
+  local: LocalConfig
+  client_fraction: float
+  weighting: str
+  server_opt: optax.GradientTransformation
+  client_chunk_size: int | None
+  update_transform: Callable | None
+  aggregate_noise: Callable | None
+
+
 def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
            local_epochs: int = 1, batch_size: int = 64, client_fraction: float = 1.0,
            weighting: str = "samples", prox_mu: float = 0.0,
@@ -121,92 +141,20 @@ def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
     raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
   if client_chunk_size is not None and client_chunk_size < 1:
     raise ValueError(f"client_chunk_size must be >= 1, got {client_chunk_size}")
-  local = LocalConfig(local_epochs=local_epochs, batch_size=batch_size, prox_mu=prox_mu)
-  server_opt = server_opt or server_optimizer("fedavg")
+  spec = _RoundSpec(task=task, client_optimizer=client_optimizer,
+                    local=LocalConfig(local_epochs=local_epochs, batch_size=batch_size, prox_mu=prox_mu),
+                    client_fraction=client_fraction, weighting=weighting,
+                    server_opt=server_opt or server_optimizer("fedavg"), client_chunk_size=client_chunk_size,
+                    update_transform=update_transform, aggregate_noise=aggregate_noise)
+  update_sums = functools.partial(_update_sums, spec)
 
   def init(variables: PyTree, rng: jax.Array, *, key_version: int = 1) -> ServerState:
     variables = dict(variables)
     params = variables.pop("params")
     rng_data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
-    return ServerState(params=params, model_state=variables, opt_state=server_opt.init(params),
+    return ServerState(params=params, model_state=variables, opt_state=spec.server_opt.init(params),
                        round=jnp.int32(0), rng=jnp.asarray(rng_data, jnp.uint32),
                        key_version=jnp.int32(key_version))
-
-  def update_sums(clients: ClientData, rows: jax.Array, ids: jax.Array, valid: jax.Array,
-                  state: ServerState, keys: RoundKeys, context: Any) -> _UpdateSums:
-    """Trains the clients in ``rows`` of ``clients`` and sums their weighted updates.
-
-    ``ids`` are the clients' indices in the whole federation (their PRNG streams derive from
-    them, so a client trains the same wherever its data sits); ``valid`` marks real slots.
-    The single-device round passes the sampled clients as both ``rows`` and ``ids``; the
-    sharded round (``sharding.py``) each device's share, with rows local to its shard.
-    """
-    num_slots = rows.shape[0]
-    chunk = min(client_chunk_size or num_slots, num_slots)
-    num_chunks = math.ceil(num_slots / chunk)
-    padding = num_chunks * chunk - num_slots
-    valid = jnp.pad(valid, (0, padding))
-    rows = jnp.pad(rows, (0, padding))
-    ids = jnp.pad(ids, (0, padding))
-
-    n_k = clients.num_samples[rows].astype(jnp.float32)
-    base = n_k if weighting == "samples" else jnp.ones_like(n_k)
-    accepted = valid & (clients.key_version[rows] == state.key_version)
-    weights = jnp.where(accepted, base, 0.0)
-
-    def train_one(row, client_id):
-      data = jax.tree_util.tree_map(lambda x: x[row], clients.data)
-      client_rng = jax.random.fold_in(keys.train, client_id)
-      return client_update(task, client_optimizer, local, state.params, state.model_state, data,
-                           clients.num_samples[row], client_rng, context)
-
-    def train_chunk(sums, chunk_xs):
-      chunk_rows, chunk_ids, w = chunk_xs
-      params_k, model_state_k, loss_k = jax.vmap(train_one)(chunk_rows, chunk_ids)
-      delta_k = jax.tree_util.tree_map(lambda p, g: p - g, params_k, state.params)
-      if update_transform is not None:
-        delta_k = jax.vmap(lambda d, i: update_transform(d, jax.random.fold_in(keys.transform, i), context))(
-            delta_k, chunk_ids)
-      sum_delta, sum_state, sum_loss = sums
-      sums = (jax.tree_util.tree_map(jnp.add, sum_delta, weighted_sum(delta_k, w)),
-              jax.tree_util.tree_map(jnp.add, sum_state, weighted_sum(model_state_k, w)),
-              sum_loss + jnp.dot(w, loss_k))
-      return sums, None
-
-    zeros = lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree)
-    init_sums = (zeros(state.params), zeros(state.model_state), jnp.float32(0.0))
-    as_chunks = lambda a: a.reshape(num_chunks, chunk)
-    (sum_delta, sum_state, sum_loss), _ = jax.lax.scan(
-        train_chunk, init_sums, (as_chunks(rows), as_chunks(ids), as_chunks(weights)))
-    return _UpdateSums(delta=sum_delta, model_state=sum_state, loss=sum_loss, weight=jnp.sum(weights),
-                       num_accepted=jnp.sum(accepted).astype(jnp.int32))
-
-  def server_update(state: ServerState, sums: _UpdateSums, num_sampled: int, keys: RoundKeys, context: Any):
-    any_accepted = sums.weight > 0
-    safe_total = jnp.where(any_accepted, sums.weight, 1.0)
-    mean_delta = jax.tree_util.tree_map(lambda s: s / safe_total, sums.delta)
-    if aggregate_noise is not None:
-      mean_delta = aggregate_noise(mean_delta, keys.noise, sums.num_accepted, context)
-    pseudo_grad = jax.tree_util.tree_map(jnp.negative, mean_delta)
-    updates, new_opt_state = server_opt.update(pseudo_grad, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    new_model_state = jax.tree_util.tree_map(lambda s: s / safe_total, sums.model_state)
-
-    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(any_accepted, a, b), new, old)
-    new_state = ServerState(
-        params=keep(new_params, state.params),
-        model_state=keep(new_model_state, state.model_state),
-        opt_state=keep(new_opt_state, state.opt_state),
-        round=state.round + 1,
-        rng=state.rng,
-        key_version=state.key_version,
-    )
-    metrics = {
-        "train_loss": sums.loss / safe_total,
-        "num_sampled": jnp.int32(num_sampled),
-        "num_accepted": sums.num_accepted,
-    }
-    return new_state, metrics
 
   def round_fn(state: ServerState, clients: ClientData | ShardedClientData, context: Any = None):
     num_clients = clients.num_clients
@@ -220,6 +168,86 @@ def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
       sums = sharded_update_sums(update_sums, clients, sampled, state, keys, context)
     else:
       sums = update_sums(clients, sampled, sampled, jnp.ones(num_sampled, bool), state, keys, context)
-    return server_update(state, sums, num_sampled, keys, context)
+    return _server_update(spec, state, sums, num_sampled, keys, context)
 
   return FederatedAlgorithm(init=init, round=round_fn)
+
+
+def _update_sums(spec: _RoundSpec, clients: ClientData, rows: jax.Array, ids: jax.Array, valid: jax.Array,
+                 state: ServerState, keys: RoundKeys, context: Any) -> _UpdateSums:
+  """Trains the clients in ``rows`` of ``clients`` and sums their weighted updates.
+
+  ``ids`` are the clients' indices in the whole federation (their PRNG streams derive from
+  them, so a client trains the same wherever its data sits); ``valid`` marks real slots.
+  The single-device round passes the sampled clients as both ``rows`` and ``ids``; the
+  sharded round (``sharding.py``) each device's share, with rows local to its shard.
+  """
+  num_slots = rows.shape[0]
+  chunk = min(spec.client_chunk_size or num_slots, num_slots)
+  num_chunks = math.ceil(num_slots / chunk)
+  padding = num_chunks * chunk - num_slots
+  valid = jnp.pad(valid, (0, padding))
+  rows = jnp.pad(rows, (0, padding))
+  ids = jnp.pad(ids, (0, padding))
+
+  n_k = clients.num_samples[rows].astype(jnp.float32)
+  base = n_k if spec.weighting == "samples" else jnp.ones_like(n_k)
+  accepted = valid & (clients.key_version[rows] == state.key_version)
+  weights = jnp.where(accepted, base, 0.0)
+
+  def train_one(row, client_id):
+    data = jax.tree_util.tree_map(lambda x: x[row], clients.data)
+    client_rng = jax.random.fold_in(keys.train, client_id)
+    return client_update(spec.task, spec.client_optimizer, spec.local, state.params, state.model_state, data,
+                         clients.num_samples[row], client_rng, context)
+
+  def train_chunk(sums, chunk_xs):
+    chunk_rows, chunk_ids, w = chunk_xs
+    params_k, model_state_k, loss_k = jax.vmap(train_one)(chunk_rows, chunk_ids)
+    delta_k = jax.tree_util.tree_map(lambda p, g: p - g, params_k, state.params)
+    if spec.update_transform is not None:
+      delta_k = jax.vmap(lambda d, i: spec.update_transform(d, jax.random.fold_in(keys.transform, i), context))(
+          delta_k, chunk_ids)
+    sum_delta, sum_state, sum_loss = sums
+    sums = (jax.tree_util.tree_map(jnp.add, sum_delta, weighted_sum(delta_k, w)),
+            jax.tree_util.tree_map(jnp.add, sum_state, weighted_sum(model_state_k, w)),
+            sum_loss + jnp.dot(w, loss_k))
+    return sums, None
+
+  zeros = lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree)
+  init_sums = (zeros(state.params), zeros(state.model_state), jnp.float32(0.0))
+  as_chunks = lambda a: a.reshape(num_chunks, chunk)
+  (sum_delta, sum_state, sum_loss), _ = jax.lax.scan(
+      train_chunk, init_sums, (as_chunks(rows), as_chunks(ids), as_chunks(weights)))
+  return _UpdateSums(delta=sum_delta, model_state=sum_state, loss=sum_loss, weight=jnp.sum(weights),
+                     num_accepted=jnp.sum(accepted).astype(jnp.int32))
+
+
+def _server_update(spec: _RoundSpec, state: ServerState, sums: _UpdateSums, num_sampled: int, keys: RoundKeys,
+                   context: Any):
+  """The weighted mean update through the server optimizer; a round with no accepted update keeps the state."""
+  any_accepted = sums.weight > 0
+  safe_total = jnp.where(any_accepted, sums.weight, 1.0)
+  mean_delta = jax.tree_util.tree_map(lambda s: s / safe_total, sums.delta)
+  if spec.aggregate_noise is not None:
+    mean_delta = spec.aggregate_noise(mean_delta, keys.noise, sums.num_accepted, context)
+  pseudo_grad = jax.tree_util.tree_map(jnp.negative, mean_delta)
+  updates, new_opt_state = spec.server_opt.update(pseudo_grad, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  new_model_state = jax.tree_util.tree_map(lambda s: s / safe_total, sums.model_state)
+
+  keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(any_accepted, a, b), new, old)
+  new_state = ServerState(
+      params=keep(new_params, state.params),
+      model_state=keep(new_model_state, state.model_state),
+      opt_state=keep(new_opt_state, state.opt_state),
+      round=state.round + 1,
+      rng=state.rng,
+      key_version=state.key_version,
+  )
+  metrics = {
+      "train_loss": sums.loss / safe_total,
+      "num_sampled": jnp.int32(num_sampled),
+      "num_accepted": sums.num_accepted,
+  }
+  return new_state, metrics

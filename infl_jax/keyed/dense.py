@@ -1,4 +1,4 @@
-"""Keyed dense layer (DESIGN.md section 2).
+"""Keyed dense layer (docs/design.md, "Keyed layers").
 
     [s ; t] = V2 . LayerNorm( SiLU( V1 . k ) )        V1: key_dim -> key_hidden, V2: -> 2*out
     W_eff   = diag(1 + lambda*tanh s) . W             (scales each output unit)

@@ -1,4 +1,4 @@
-"""How far apart do keys end up inside a keyed model? (DESIGN.md section 4, the weakness.)
+"""How far apart do keys end up inside a keyed model? (docs/design.md, "The known weakness".)
 
 The model sees the key only through the 16-dim vector k (a mean over 128 points of a smooth
 function), so different keys can give nearly the same k and nearly the same keyed weights.

@@ -1,4 +1,4 @@
-"""Key encoder: the secret coordinates -> a 16-dim key vector k (DESIGN.md section 2).
+"""Key encoder: the secret coordinates -> a 16-dim key vector k (docs/design.md, "Keyed layers").
 
     k = mean_m LayerNorm( SiLU( W2 . SiLU( W1 . c_m + b1 ) + b2 ) )
 

@@ -1,4 +1,4 @@
-"""Activation-dependent FiLM (DESIGN.md section 2), applied after keyed layers but the last.
+"""Activation-dependent FiLM (docs/design.md, "Keyed layers"), applied after keyed layers but the last.
 
     a       = LayerNorm( SiLU( A . h ) )                 a in R^act_dim (16)
     [g ; b] = F2 . SiLU( F1 . [a ; k ; a*k] )            F1: 3*16 -> 8, F2: 8 -> 2*features

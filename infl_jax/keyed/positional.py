@@ -1,4 +1,4 @@
-"""The older INR variant: a per-output-neuron bias from a positional encoding (DESIGN.md sec. 2).
+"""The older INR variant: a per-output-neuron bias from a positional encoding (docs/design.md, "Keyed layers").
 
 Output neuron j of a layer with ``out`` units gets the coordinate ``x_j = 2j/(out-1) - 1``
 (``x_0 = 0`` when ``out == 1``), the encoding ``[sin(2^i pi x), cos(2^i pi x)]`` for i < 8

@@ -23,14 +23,18 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from infl_jax.common.cli import UserInputError
+from infl_jax.config import TrainConfig
+from infl_jax.federated import FederatedAlgorithm, Task, algorithm_from_config
+from runkit.errors import UserInputError
 
 __all__ = [
     "DPContext",
     "clip_by_global_norm",
     "dp_epsilon",
     "dp_event",
+    "dp_fedavg",
     "dp_fedavg_hooks",
+    "dp_task",
     "gaussian_aggregate_noise",
     "noise_multiplier_for_epsilon",
 ]
@@ -93,14 +97,22 @@ def dp_fedavg_hooks():
   return update_transform, aggregate_noise
 
 
-def dp_task(task):
+def dp_task(task: Task) -> Task:
   """The task with its context unwrapped from a ``DPContext``, so a DP round runs any task."""
-  from infl_jax.federated import Task
 
   def loss(params, model_state, batch, mask, rng, context):
     return task.loss(params, model_state, batch, mask, rng, context.task_context)
 
   return Task(loss=loss)
+
+
+def dp_fedavg(config: TrainConfig, task: Task) -> FederatedAlgorithm:
+  """DP-FedAvg of ``task`` with ``config``'s local training: clipped client updates, Gaussian noise on
+  their mean, equal client weights (the noise's sensitivity analysis needs them). Its round takes a
+  ``DPContext`` (``DPContext.make(key_coords, clip_norm, noise_multiplier)``) as context."""
+  update_transform, aggregate_noise = dp_fedavg_hooks()
+  return algorithm_from_config(config, dp_task(task), weighting="uniform", update_transform=update_transform,
+                               aggregate_noise=aggregate_noise)
 
 
 def _check_accounting(sampling_rate, rounds, delta):

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from infl_jax import keys as keylib
-from infl_jax.common.cli import UserInputError
+from runkit.errors import UserInputError
 
 __all__ = ["InputScrambler", "harden_split", "input_scrambler", "scramble", "unscramble"]
 

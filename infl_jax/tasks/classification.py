@@ -1,7 +1,9 @@
-"""Sample classification (cohort, cell type): cross-entropy, accuracy, weighted F1 and AUC."""
+"""Sample classification (cohort, cell type): the task (cross-entropy; accuracy, weighted F1 and AUC) and
+its runner: federated training with checkpoints, then the key study and a central baseline."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any
 
@@ -11,9 +13,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from infl_jax.federated import Task
+from infl_jax import keys as keylib
+from infl_jax import models
+from infl_jax.config import TrainConfig
+from infl_jax.federated import (ClientData, ServerState, Task, algorithm_from_config, global_variables, run_rounds,
+                                stack_clients)
+from infl_jax.tasks.common import (check_key_version, evaluation_keys, stopped_early, train_federated,
+                                   write_summary)
+from runkit.errors import UserInputError
 
-__all__ = ["accepts_kwarg", "accepts_mask", "classification_metrics", "classification_task", "predict_logits"]
+__all__ = ["accepts_kwarg", "accepts_mask", "classification_metrics", "classification_task", "client_data",
+           "create_model", "evaluate", "fit", "format_summary", "init_variables", "load_data", "predict_logits", "run",
+           "train_central"]
 
 
 def accepts_kwarg(model: nn.Module, name: str) -> bool:
@@ -97,3 +108,133 @@ def classification_metrics(y_true: np.ndarray, logits: np.ndarray, num_classes: 
                                     zero_division=0)),
       "auc_weighted": auc,
   }
+
+
+# --------------------------------------------------------------------------------------------
+# The runner
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def load_data(config: TrainConfig):
+  from infl_jax.data import load_dataset
+
+  return load_dataset(config.dataset, label_key=config.label_key, client_key=config.client_key,
+                      n_clients=config.n_clients, partition=config.partition, alpha=config.alpha,
+                      seed=config.seed, n_top_features=config.n_top_features)
+
+
+def create_model(config: TrainConfig, num_classes: int):
+  if config.compute_dtype not in COMPUTE_DTYPES:
+    raise UserInputError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {config.compute_dtype!r} "
+                         "(--bf16 selects bfloat16)")
+  if config.model == "proteomics":
+    return models.make_proteomics_net(num_classes, key_strength=config.key_strength, dropout_rate=config.dropout,
+                                      variant=config.variant, dtype=config.compute_dtype)
+  if config.model == "mlp":
+    return models.make_mlp_classifier(config.hidden, num_classes, key_strength=config.key_strength,
+                                      use_batch_norm=True, dropout_rate=config.dropout, variant=config.variant,
+                                      dtype=config.compute_dtype)
+  raise UserInputError(f"unknown model {config.model!r}; choose --model proteomics or --model mlp")
+
+
+def init_variables(model, num_features: int, rng: jax.Array):
+  dummy = jnp.zeros((2, num_features), jnp.float32)
+  return model.init({"params": rng, "dropout": rng}, dummy, key_coords=None, train=False)
+
+
+def client_data(split, key_version: int) -> ClientData:
+  per_client = [{"x": x.astype(np.float32), "y": y.astype(np.int32)} for x, y in split.client_arrays()]
+  return stack_clients(per_client, key_version=key_version)
+
+
+def evaluate(model, variables, x, y, num_classes: int, key_coords) -> dict[str, float]:
+  return classification_metrics(y, predict_logits(model, variables, x, key_coords), num_classes)
+
+
+def fit(config: TrainConfig, model, clients: ClientData, num_features: int, coords, *, init_rng: jax.Array,
+        server_rng: jax.Array) -> ServerState:
+  """``config.rounds`` federated rounds from a fresh model, in memory (no workdir, no checkpoints)."""
+  algo = algorithm_from_config(config, classification_task(model))
+  state = algo.init(init_variables(model, num_features, init_rng), server_rng, key_version=config.key_version)
+  return run_rounds(jax.jit(algo.round), state, clients, jnp.asarray(coords), rounds=config.rounds).state
+
+
+def train_central(config: TrainConfig, model, split, coords, rng: jax.Array) -> dict:
+  """The utility reference: the same architecture and optimizer on the pooled training data,
+  for as many epochs as a federated client trains in all (rounds x local epochs).
+
+  It is one engine round over a single client holding all training data, with plain
+  averaging, which is exactly that client's uninterrupted local training.
+  """
+  pooled = stack_clients([{"x": split.train_x.astype(np.float32), "y": split.train_y.astype(np.int32)}],
+                         key_version=config.key_version)
+  central = dataclasses.replace(config, rounds=1, local_epochs=config.rounds * config.local_epochs,
+                                client_fraction=1.0, server_optimizer="fedavg", server_learning_rate=None,
+                                prox_mu=0.0)
+  init_rng, server_rng = jax.random.split(rng)
+  state = fit(central, model, pooled, split.n_features, coords, init_rng=init_rng, server_rng=server_rng)
+  return evaluate(model, global_variables(state), split.test_x, split.test_y, split.n_classes, coords)
+
+
+def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = False,
+        stop_after_round: int | None = None, show_progress: bool | None = None) -> dict:
+  """Runs (or resumes) the federated training in ``workdir`` and writes metrics.jsonl and summary.json.
+
+  ``stop_after_round`` ends the run early after that round's checkpoint (used to test resume).
+  """
+  check_key_version(config, key)
+  split = load_data(config)
+  model = create_model(config, split.n_classes)
+  algo = algorithm_from_config(config, classification_task(model))
+  coords = jnp.asarray(key.coords)
+  init_rng, server_rng, central_rng = jax.random.split(jax.random.key(config.seed), 3)
+
+  eval_logits = jax.jit(lambda v, x: model.apply(v, x, key_coords=coords, train=False))
+  val_x = jnp.asarray(split.val_x, jnp.float32)
+
+  def validation_metrics(state: ServerState, done: int) -> dict:
+    if done % config.eval_every and done != config.rounds:
+      return {}
+    logits = np.asarray(eval_logits(global_variables(state), val_x))
+    return {f"val_{k}": v for k, v in classification_metrics(split.val_y, logits, split.n_classes).items()}
+
+  result = train_federated(config, workdir, algo, init_variables(model, split.n_features, init_rng),
+                           client_data(split, config.key_version), coords, rng=server_rng, resume=resume,
+                           stop_after_round=stop_after_round, show_progress=show_progress,
+                           extra_metrics=validation_metrics)
+  if stop_after_round is not None and (stopped := stopped_early(result, config)):
+    return stopped
+
+  variables = global_variables(result.state)
+  test = {name: evaluate(model, variables, split.test_x, split.test_y, split.n_classes, c)
+          for name, c in evaluation_keys(key).items()}
+  summary = {
+      "task": "classification",
+      "dataset": config.dataset,
+      "description": split.description,
+      "n_train": int(len(split.train_y)), "n_val": int(len(split.val_y)), "n_test": int(len(split.test_y)),
+      "client_sizes": [int(n) for n in split.client_sizes()],
+      "classes": list(split.class_names),
+      "majority_class_test_fraction": float(np.bincount(split.test_y).max() / len(split.test_y)),
+      "rounds": int(result.state.round),
+      "federated_train_seconds_this_session": result.seconds,
+      "test": test,
+      "config": dataclasses.asdict(config),
+  }
+  if config.central_baseline:
+    summary["central_right_key_test"] = train_central(config, model, split, key.coords, central_rng)
+  return write_summary(workdir, summary)
+
+
+def format_summary(summary: dict) -> str:
+  lines = [f"test metrics after {summary['rounds']} rounds on {summary['dataset']} "
+           f"({summary['n_test']} test samples; majority class {summary['majority_class_test_fraction']:.2f}):"]
+  rows = [("federated", name, m) for name, m in summary["test"].items()]
+  if "central_right_key_test" in summary:
+    rows.append(("central", "right_key", summary["central_right_key_test"]))
+  for kind, name, m in rows:
+    lines.append(f"  {kind:<9s} {name:<22s} accuracy {m['accuracy']:.3f}  F1 {m['f1_weighted']:.3f}  "
+                 f"AUC {m['auc_weighted']:.3f}")
+  return "\n".join(lines)

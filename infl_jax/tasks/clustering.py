@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["cluster_embedding", "clustering_scores", "kmeans_labels", "pca_kmeans_baseline"]
+__all__ = ["cluster_embedding", "clustering_scores", "format_clustering_summary", "kmeans_labels",
+           "pca_kmeans_baseline"]
 
 
 def kmeans_labels(embedding: np.ndarray, n_clusters: int, seed: int = 0, n_init: int = 10) -> np.ndarray:
@@ -53,70 +54,17 @@ def pca_kmeans_baseline(x: np.ndarray, labels_true: np.ndarray, n_clusters: int,
   return clustering_scores(labels_true, kmeans_labels(pcs, n_clusters, seed))
 
 
-# --------------------------------------------------------------------------------------------
-# Spatial clustering: a graph autoencoder over the spatial neighbour graph.
+def format_clustering_summary(summary: dict) -> str:
+  """Readable lines of a clustering task's summary: ARI/NMI per way of running the model, then the baselines."""
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+  def fmt(scores):
+    if "ari" in scores:
+      return f"ARI {scores['ari']:.3f}  NMI {scores['nmi']:.3f}"
+    return "  ".join(f"{label}: {fmt(v)}" for label, v in scores.items() if v is not None)
 
-from infl_jax.federated import Task  # noqa: E402
-from infl_jax.keyed import keyed  # noqa: E402
-from infl_jax.tasks.graph import mean_aggregate  # noqa: E402
-
-
-class SpatialGraphAutoencoder(nn.Module):
-  """Dense -> neighbour mean -> Dense -> neighbour mean = embedding; MLP decoder back to the genes.
-
-  ``__call__(x [N, G], neighbors [N, K], weights [N, K]) -> (z [N, E], reconstruction [N, G])``.
-  """
-
-  num_genes: int
-  hidden: int = 128
-  embed_dim: int = 16
-  linear_encoder: bool = False
-
-  @nn.compact
-  def __call__(self, x, neighbors, weights):
-    h = nn.Dense(self.hidden, name="enc_0")(x)
-    if not self.linear_encoder:
-      h = nn.silu(h)
-    h = mean_aggregate(h, neighbors, weights)
-    z = nn.Dense(self.embed_dim, name="enc_1")(h)
-    z = mean_aggregate(z, neighbors, weights)
-    out = nn.Dense(self.num_genes, name="dec_1")(nn.silu(nn.Dense(self.hidden, name="dec_0")(z)))
-    return z, out
-
-
-def make_spatial_model(num_genes: int, *, hidden: int = 128, embed_dim: int = 16, key_strength: float = 1.0,
-                       variant: str = "modulation"):
-  return keyed(SpatialGraphAutoencoder(num_genes, hidden, embed_dim), key_strength=key_strength, variant=variant,
-               film_skip=("dec_1",))
-
-
-def whole_graph(batch, mask):
-  """Undoes the engine's row shuffle: with batch size = the client's padded node count, a batch
-  holds every row once, so scattering by ``row`` restores the client's node order (padding adds 0)."""
-  rows = batch["row"]
-  n = rows.shape[0]
-
-  def place(a):
-    m = mask.reshape((-1,) + (1,) * (a.ndim - 1)).astype(a.dtype)
-    return jnp.zeros_like(a).at[rows].add(a * m)
-
-  return {k: place(v) for k, v in batch.items() if k != "row"}, jnp.zeros((n,), mask.dtype).at[rows].add(mask)
-
-
-def spatial_task(model, *, input_dropout: float = 0.2) -> Task:
-  """Denoising reconstruction of every real spot's genes through the graph encoder."""
-
-  def loss(params, model_state, batch, mask, rng, context):
-    graph, node_mask = whole_graph(batch, mask)
-    x = graph["x"]
-    noisy = x * jax.random.bernoulli(rng, 1.0 - input_dropout, x.shape) / (1.0 - input_dropout)
-    _, recon = model.apply({"params": params, **model_state}, noisy, graph["neighbors"].astype(jnp.int32),
-                           graph["weights"], key_coords=context)
-    err = jnp.mean(jnp.square(recon - x), -1)
-    return jnp.sum(err * node_mask) / jnp.maximum(node_mask.sum(), 1.0), model_state
-
-  return Task(loss=loss)
+  lines = [f"{summary['task']} on {summary['dataset']} after {summary['rounds']} rounds:"]
+  for name, scores in summary["clustering"].items():
+    lines.append(f"  federated {name:<22s} {fmt(scores)}")
+  for name, scores in summary.get("baselines", {}).items():
+    lines.append(f"  baseline  {name:<22s} {fmt(scores)}")
+  return "\n".join(lines)

@@ -22,16 +22,27 @@ and its encoder's parameters are updated only by clients that hold it.
 
 from __future__ import annotations
 
+import dataclasses
+import pathlib
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from infl_jax.federated import Task
+from infl_jax import keys as keylib
+from infl_jax.config import TrainConfig
+from infl_jax.federated import Task, algorithm_from_config, global_variables, stack_clients
 from infl_jax.keyed import keyed
+from infl_jax.tasks.clustering import cluster_embedding, clustering_scores, format_clustering_summary
+from infl_jax.tasks.common import (check_key_version, evaluation_keys, stopped_early, train_federated, write_h5ad,
+                                   write_summary)
+from runkit.errors import UserInputError
 
-__all__ = ["MosaicAutoencoder", "make_mosaic_model", "mosaic_embed", "mosaic_task"]
+__all__ = ["MosaicAutoencoder", "format_summary", "make_mosaic_model", "mosaic_embed", "mosaic_task", "run"]
+
+format_summary = format_clustering_summary
 
 
 class MosaicAutoencoder(nn.Module):
@@ -143,3 +154,89 @@ def mosaic_embed(model, variables, x: dict, present, key_coords):
   """Joint embeddings [N, E] (inference: no input noise)."""
   z, _, _, _ = model.apply(variables, (x, jnp.asarray(present, jnp.float32)), key_coords=key_coords)
   return z
+
+
+# --------------------------------------------------------------------------------------------
+# The runner
+
+
+def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = False,
+        stop_after_round: int | None = None, show_progress: bool | None = None) -> dict:
+  from infl_jax.data.multiomics import load_mosaic
+
+  workdir = pathlib.Path(workdir)
+  check_key_version(config, key)
+  data = load_mosaic(config.dataset, seed=config.seed,
+                     label_keys=(config.label_key,) if config.label_key else ("label",))
+  if config.mosaic_anchor is not None and config.mosaic_anchor not in data.modality_names:
+    raise UserInputError(f"--mosaic-anchor {config.mosaic_anchor!r} is not a modality of {config.dataset!r}; "
+                         f"choose one of {data.modality_names}, or 'none' for the mean of the present modalities' codes")
+  dims = [data.modalities[m].shape[1] for m in data.modality_names]
+  model = make_mosaic_model(data.modality_names, dims, hidden=config.hidden[0], embed_dim=config.embed_dim,
+                            key_strength=config.key_strength, variant=config.variant, anchor=config.mosaic_anchor)
+  task = mosaic_task(model, data.modality_names, input_dropout=config.dropout, align_weight=config.align_weight,
+                     isometry_weight=config.isometry_weight,
+                     isometry_modalities=None if config.mosaic_anchor is None else (config.mosaic_anchor,))
+  clients = stack_clients(data.client_arrays(), key_version=config.key_version)
+  # Full-batch local steps: a client's whole (small) cohort per step.
+  algo = algorithm_from_config(config, task, batch_size=min(config.batch_size, clients.max_samples))
+  init_rng, server_rng = jax.random.split(jax.random.key(config.seed))
+  dummy = ({m: jnp.zeros((2, d), jnp.float32) for m, d in zip(data.modality_names, dims)},
+           jnp.ones((2, len(dims)), jnp.float32))
+  initial = model.init(init_rng, dummy, key_coords=None)
+  result = train_federated(config, workdir, algo, initial, clients, jnp.asarray(key.coords), rng=server_rng,
+                           resume=resume, stop_after_round=stop_after_round, show_progress=show_progress)
+  if stop_after_round is not None and (stopped := stopped_early(result, config)):
+    return stopped
+  summary = _evaluate(config, workdir, key, model, data, global_variables(result.state), initial)
+  summary.update(rounds=int(result.state.round), federated_train_seconds_this_session=result.seconds,
+                 final_train_loss=result.history[-1]["train_loss"] if result.history else None,
+                 config=dataclasses.asdict(config))
+  return write_summary(workdir, summary)
+
+
+def _evaluate(config: TrainConfig, workdir: pathlib.Path, key, model, data, variables, initial) -> dict:
+  """Clusters each way of running the model, the baselines, and the .h5ad of the right key's result."""
+  embed = jax.jit(lambda v, x, p, c: mosaic_embed(model, v, x, p, c))
+  present = data.present.astype(np.float32)
+  label_sets = {name: (values, len(data.label_names[name])) for name, values in data.labels.items()}
+
+  def scores(z):
+    return {name: clustering_scores(truth, cluster_embedding(np.asarray(z), k, config.cluster_method,
+                                                              seed=config.seed))
+            for name, (truth, k) in label_sets.items()}
+
+  results, embeddings = {}, {}
+  for name, c in evaluation_keys(key).items():
+    embeddings[name] = np.asarray(embed(variables, data.modalities, present, None if c is None else jnp.asarray(c)))
+    results[name] = {"mosaic": scores(embeddings[name])}
+  if data.modalities_all is not None:
+    # A model check, not the mosaic setting: every sample with every modality the source holds.
+    full_present = np.ones_like(data.present, np.float32)
+    results["right_key"]["all_modalities"] = scores(embed(variables, data.modalities_all, full_present,
+                                                          jnp.asarray(key.coords)))
+  baselines = {"untrained_encoder_right_key": scores(embed(initial, data.modalities, present,
+                                                           jnp.asarray(key.coords)))}
+  for j, m in enumerate(data.modality_names):
+    have = data.present[:, j]
+    baselines[f"kmeans_{m}_on_clients_holding_it"] = {
+        name: clustering_scores(truth[have], cluster_embedding(data.modalities[m][have], k, "kmeans", config.seed))
+        for name, (truth, k) in label_sets.items()}
+  right = embeddings["right_key"]
+  obs = {"sample_id": data.sample_ids, "client": np.array(data.client_names)[data.client],
+         **{f"infl_{name}_cluster": cluster_embedding(right, k, config.cluster_method, seed=config.seed)
+            for name, (_, k) in label_sets.items()},
+         **{f"{name}_label": np.array(data.label_names[name])[v] for name, v in data.labels.items()},
+         **{f"has_{m}": data.present[:, j] for j, m in enumerate(data.modality_names)}}
+  x_concat = np.concatenate([data.modalities[m] for m in data.modality_names], 1)
+  var_names = [f"{m}:{f}" for m in data.modality_names for f in data.feature_names[m]]
+  h5ad = write_h5ad(workdir / "infl_multiomics.h5ad", x_concat, obs, var_names, {"X_infl": right})
+  clients = range(len(data.client_names))
+  return {
+      "task": "multiomics", "dataset": config.dataset, "description": data.description,
+      "client_names": data.client_names,
+      "client_sizes": [int((data.client == k).sum()) for k in clients],
+      "client_modalities": {data.client_names[k]: [m for j, m in enumerate(data.modality_names)
+                                                   if data.present[data.client == k, j].all()] for k in clients},
+      "clustering": results, "baselines": baselines, "h5ad": str(h5ad),
+  }

@@ -24,16 +24,25 @@ post-perturbation expression (GEARS adds a direction term; the plain MSE is kept
 
 from __future__ import annotations
 
+import dataclasses
+import pathlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infl_jax.federated import Task
+from infl_jax import keys as keylib
+from infl_jax.config import TrainConfig
+from infl_jax.federated import Task, algorithm_from_config, global_variables, stack_clients
 from infl_jax.keyed import keyed
-from infl_jax.tasks.graph import mean_aggregate
+from infl_jax.tasks.common import (check_key_version, evaluation_keys, stopped_early, train_federated, write_h5ad,
+                                   write_summary)
+from infl_jax.tasks.graph import mean_aggregate, sparsify_similarity
+from runkit.errors import UserInputError
 
-__all__ = ["GearsLite", "make_perturbation_model", "perturbation_metrics", "perturbation_task", "top_de_genes"]
+__all__ = ["GearsLite", "format_summary", "make_perturbation_model", "perturbation_metrics", "perturbation_task",
+           "run", "top_de_genes"]
 
 
 class GearsLite(nn.Module):
@@ -123,3 +132,153 @@ def perturbation_metrics(control_mean: np.ndarray, true_mean: np.ndarray, pred_m
   return {"mse": float(np.mean((pred_mean - true_mean) ** 2)),
           "mse_top20_de": float(np.mean((pred_mean[de] - true_mean[de]) ** 2)),
           "pearson_delta": pearson}
+
+
+# --------------------------------------------------------------------------------------------
+# The runner
+
+
+def _paired_controls(data, cell_types: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """A random control cell for each perturbed cell, of the same cell type where one exists (GEARS pairs randomly)."""
+  rows = np.empty(len(cell_types), np.int64)
+  for t in np.unique(cell_types):
+    pool = np.flatnonzero(data.control_cell_type == t)
+    pool = pool if len(pool) else np.arange(len(data.control))
+    where = np.flatnonzero(cell_types == t)
+    rows[where] = rng.choice(pool, len(where))
+  return rows
+
+
+def condition_name(cond: tuple) -> str:
+  return "+".join(cond) if len(cond) == 2 else f"{cond[0]}+ctrl"
+
+
+def _perturbation_examples(data, conditions, rng):
+  xs, ps, ys, conds = [], [], [], []
+  for cond in conditions:
+    y = data.cells[cond]
+    idx = data.gene_index(cond)
+    xs.append(data.control[_paired_controls(data, data.cell_type[cond], rng)])
+    ps.append(np.tile(np.array(idx + [-1] * (2 - len(idx)), np.int32), (len(y), 1)))
+    ys.append(y)
+    conds += [condition_name(cond)] * len(y)
+  return {"x": np.concatenate(xs).astype(np.float32), "perts": np.concatenate(ps), "y": np.concatenate(ys)}, conds
+
+
+def _build_model(config: TrainConfig, data):
+  # Co-expression in control cells: the gene graph, and (no Gene Ontology offline) the perturbation graph.
+  corr = np.nan_to_num(np.corrcoef(data.control.T))
+  graph = sparsify_similarity(np.abs(corr), config.graph_neighbors)
+  spread_nb, _ = sparsify_similarity(np.abs(corr), 2 * config.graph_neighbors)
+  spread = (spread_nb, np.take_along_axis(corr, spread_nb, 1).astype(np.float32))
+  return make_perturbation_model(data.n_genes, graph, graph, dim=config.embed_dim,
+                                 key_strength=config.key_strength, variant=config.variant, spread_graph=spread)
+
+
+def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = False,
+        stop_after_round: int | None = None, show_progress: bool | None = None) -> dict:
+  from infl_jax.data.perturbation import load_perturbation
+
+  workdir = pathlib.Path(workdir)
+  check_key_version(config, key)
+  data = load_perturbation(config.dataset, seed=config.seed)
+  n_clients = config.n_clients or 3
+  if len(data.train_conditions) < n_clients:
+    raise UserInputError(f"{len(data.train_conditions)} training conditions cannot fill {n_clients} clients;"
+                         " lower --n-clients")
+  rng = np.random.default_rng(config.seed)
+  model = _build_model(config, data)
+  # Each client (lab) holds its own perturbations: training conditions dealt round-robin.
+  order = rng.permutation(len(data.train_conditions))
+  per_client = [_perturbation_examples(data, [data.train_conditions[i] for i in order[c::n_clients]], rng)[0]
+                for c in range(n_clients)]
+  clients = stack_clients(per_client, key_version=config.key_version)
+  algo = algorithm_from_config(config, perturbation_task(model))
+  init_rng, server_rng = jax.random.split(jax.random.key(config.seed))
+  dummy = (jnp.zeros((2, data.n_genes), jnp.float32), jnp.array([[0, -1], [0, 1]], jnp.int32))
+  result = train_federated(config, workdir, algo, model.init(init_rng, dummy, key_coords=None), clients,
+                           jnp.asarray(key.coords), rng=server_rng, resume=resume, stop_after_round=stop_after_round,
+                           show_progress=show_progress)
+  if stop_after_round is not None and (stopped := stopped_early(result, config)):
+    return stopped
+  summary = _evaluate(config, workdir, key, model, data, global_variables(result.state))
+  summary.update(client_sizes=[len(c["y"]) for c in per_client], rounds=int(result.state.round),
+                 federated_train_seconds_this_session=result.seconds,
+                 final_train_loss=result.history[-1]["train_loss"] if result.history else None,
+                 config=dataclasses.asdict(config))
+  return write_summary(workdir, summary)
+
+
+def _predict(model, variables, test: dict, key_coords, batch: int = 256) -> np.ndarray:
+  """Predictions in fixed-size batches, so one compiled function serves every batch."""
+  apply = jax.jit(lambda v, x, p, c: model.apply(v, (x, p), key_coords=c))
+  outs = []
+  for start in range(0, len(test["x"]), batch):
+    x, p = test["x"][start:start + batch], test["perts"][start:start + batch]
+    pad = batch - len(x)
+    x = np.concatenate([x, np.zeros((pad, x.shape[1]), x.dtype)]) if pad else x
+    p = np.concatenate([p, -np.ones((pad, 2), p.dtype)]) if pad else p
+    outs.append(np.asarray(apply(variables, x, p, key_coords))[: batch - pad])
+  return np.concatenate(outs)
+
+
+def _score(data, control_mean, pred_mean_of) -> dict:
+  """Mean metrics over held-out single and combo conditions; ``pred_mean_of(cond)`` None skips one."""
+  rows = {"single": [], "combo": []}
+  for cond in data.test_conditions:
+    pred_mean = pred_mean_of(cond)
+    if pred_mean is not None:
+      rows["single" if len(cond) == 1 else "combo"].append(
+          perturbation_metrics(control_mean, data.cells[cond].mean(0), pred_mean))
+  summary = {}
+  for kind, metrics in list(rows.items()) + [("all", rows["single"] + rows["combo"])]:
+    if metrics:
+      summary[kind] = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]} | {"n_conditions": len(metrics)}
+  return summary
+
+
+def _evaluate(config: TrainConfig, workdir: pathlib.Path, key, model, data, variables) -> dict:
+  """Held-out conditions under the four ways to run the model, the baselines, and the .h5ad."""
+  test, test_conditions = _perturbation_examples(data, data.test_conditions, np.random.default_rng(config.seed + 1))
+  test_conditions = np.asarray(test_conditions)
+  control_mean = data.control.mean(0)
+  train_set = set(data.train_conditions)
+
+  def mean_of(pred_cells):
+    return lambda cond: pred_cells[test_conditions == condition_name(cond)].mean(0)
+
+  predictions = {name: _predict(model, variables, test, None if c is None else jnp.asarray(c))
+                 for name, c in evaluation_keys(key).items()}
+  results = {name: _score(data, control_mean, mean_of(pred)) for name, pred in predictions.items()}
+
+  def additive(cond):
+    if len(cond) != 2 or not all((g,) in train_set for g in cond):
+      return None
+    return control_mean + sum(data.cells[(g,)].mean(0) - control_mean for g in cond)
+
+  baselines = {"no_change_control_mean": _score(data, control_mean, lambda cond: control_mean),
+               "sum_of_single_effects_combos_with_both_singles_seen": _score(data, control_mean, additive)}
+  right_pred = predictions["right_key"]
+  ours = [perturbation_metrics(control_mean, data.cells[c].mean(0), mean_of(right_pred)(c))
+          for c in data.test_conditions if additive(c) is not None]
+  if ours:
+    baselines["infl_right_key_on_the_same_combos"] = {k: float(np.mean([m[k] for m in ours])) for k in ours[0]}
+  h5ad = write_h5ad(workdir / "infl_perturbation.h5ad", test["y"], {"condition": test_conditions}, data.gene_names,
+                    {}, layers={"infl_prediction": right_pred, "paired_control": test["x"]},
+                    uns={"simulated": int(data.simulated)})
+  return {"task": "perturbation", "dataset": config.dataset, "description": data.description,
+          "simulated": data.simulated, "train_conditions": ["+".join(c) for c in data.train_conditions],
+          "held_out_conditions": [condition_name(c) for c in data.test_conditions],
+          "held_out": results, "baselines": baselines, "h5ad": str(h5ad)}
+
+
+def format_summary(summary: dict) -> str:
+  """Readable lines: MSE, top-20-DE MSE and Pearson of the change per way of running the model and baseline."""
+  lines = [f"perturbation on {summary['dataset']} after {summary['rounds']} rounds:"
+           + (" (SIMULATED data)" if summary["simulated"] else "")]
+  for group, table in (("federated", summary["held_out"]), ("baseline", summary["baselines"])):
+    for name, kinds in table.items():
+      for kind, m in (kinds.items() if "mse" not in kinds else [("combos", kinds)]):
+        lines.append(f"  {group:<9s} {name:<22s} {kind:<7s} MSE {m['mse']:.4f}  top-20 DE MSE {m['mse_top20_de']:.4f}"
+                     f"  Pearson delta {m['pearson_delta']:.3f}")
+  return "\n".join(lines)

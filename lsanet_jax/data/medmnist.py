@@ -18,7 +18,7 @@ import tempfile
 
 import numpy as np
 
-from infl_jax.common.cli import UserInputError
+from runkit.errors import UserInputError
 
 SPLITS = ("train", "val", "test")
 SIZES = (28, 64, 128, 224)

@@ -6,9 +6,9 @@ import pathlib
 import sys
 from typing import Callable, Sequence
 
-from infl_jax.common.errors import CheckpointError, UserInputError
+from runkit.errors import CheckpointError, UserInputError
 
-__all__ = ["UserInputError", "prepare_workdir", "progress", "run_cli"]
+__all__ = ["CHECKPOINT_SUBDIR", "prepare_workdir", "progress", "run_cli"]
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -26,8 +26,9 @@ def run_cli(main_fn: Callable[[Sequence[str] | None], object], argv: Sequence[st
   return 0
 
 
-def prepare_workdir(workdir, *, resume: bool) -> pathlib.Path:
-  """Creates the run folder; refuses to mix a new run into an old one, or to resume nothing."""
+def prepare_workdir(workdir, *, resume: bool, create: bool = True) -> pathlib.Path:
+  """Checks the run folder (refuses to mix a new run into an old one, or to resume nothing) and creates
+  it unless ``create`` is False (for a caller that creates it only once its inputs have loaded)."""
   workdir = pathlib.Path(workdir).expanduser()
   ckpt_dir = workdir / CHECKPOINT_SUBDIR
   has_run = ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
@@ -35,7 +36,8 @@ def prepare_workdir(workdir, *, resume: bool) -> pathlib.Path:
     raise UserInputError(f"--resume given but {workdir} holds no checkpoint; drop --resume to start a new run there")
   if not resume and has_run:
     raise UserInputError(f"{workdir} already holds a run; pass --resume to continue it, or choose another --workdir")
-  workdir.mkdir(parents=True, exist_ok=True)
+  if create:
+    workdir.mkdir(parents=True, exist_ok=True)
   return workdir
 
 

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from infl_jax.common.errors import CheckpointError
+from runkit.errors import CheckpointError
 
 __all__ = ["CheckpointError", "Checkpointer"]
 
@@ -38,13 +38,17 @@ def _json_default(obj):
 class Checkpointer:
   """Saves every ``save_every`` steps, keeps the newest ``keep``, restores with checks."""
 
-  def __init__(self, directory, *, save_every: int = 1, keep: int = 3, config: dict | None = None):
+  def __init__(self, directory, *, save_every: int = 1, keep: int = 3, config: dict | None = None,
+               config_defaults: dict | None = None):
+    """config: the settings a resume must match (see ``runkit.config.resume_fingerprint``);
+    config_defaults: their defaults, which stand in for settings an older checkpoint does not record."""
     if save_every < 1:
       raise ValueError(f"save_every must be >= 1, got {save_every}")
     if keep < 1:
       raise ValueError(f"keep must be >= 1, got {keep}")
     self.directory = pathlib.Path(directory).absolute()
     self.config = _normalise_config(config)
+    self.config_defaults = _normalise_config(config_defaults)
     self._save_every = save_every
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
@@ -107,6 +111,7 @@ class Checkpointer:
     return restored, meta.get("extra", {})
 
   def _check_config(self, saved: dict) -> None:
+    saved = {**{k: v for k, v in self.config_defaults.items() if k in self.config}, **saved}
     diffs = {k: (saved.get(k), self.config.get(k))
              for k in sorted(set(saved) | set(self.config)) if saved.get(k) != self.config.get(k)}
     if diffs:

@@ -1,1 +1,0 @@
-"""Pieces both packages share: checkpointing, metrics logging and CLI helpers."""

@@ -1,0 +1,41 @@
+"""The one place a federated algorithm is built from run settings (``infl_jax.config.TrainConfig``)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import optax
+
+from infl_jax.config import TrainConfig
+from infl_jax.federated.engine import FederatedAlgorithm, fedavg, server_optimizer
+from infl_jax.federated.task import Task
+
+__all__ = ["algorithm_from_config", "client_optimizer_from_config"]
+
+
+def client_optimizer_from_config(config: TrainConfig) -> optax.GradientTransformation:
+  # PyTorch-style Adam weight decay (L2 added to the gradient), as the reference trains.
+  return optax.chain(optax.add_decayed_weights(config.weight_decay), optax.adam(config.learning_rate))
+
+
+def algorithm_from_config(config: TrainConfig, task: Task, *, batch_size: int | None = None,
+                          weighting: str | None = None, client_chunk_size: int | None = None,
+                          update_transform: Callable | None = None,
+                          aggregate_noise: Callable | None = None) -> FederatedAlgorithm:
+  """``fedavg`` of ``task`` with the client optimizer, local work, sampling, weighting and server
+  optimizer that ``config`` names. ``batch_size`` and ``weighting`` override the config where a task
+  or a mechanism fixes them (full-graph clustering steps; DP-FedAvg's equal weights); the hooks are
+  the engine's (a privacy mechanism's, e.g. ``privacy.dp.dp_fedavg``)."""
+  return fedavg(
+      task,
+      client_optimizer_from_config(config),
+      local_epochs=config.local_epochs,
+      batch_size=config.batch_size if batch_size is None else batch_size,
+      client_fraction=config.client_fraction,
+      weighting=config.weighting if weighting is None else weighting,
+      prox_mu=config.prox_mu,
+      server_opt=server_optimizer(config.server_optimizer, config.server_learning_rate),
+      client_chunk_size=client_chunk_size,
+      update_transform=update_transform,
+      aggregate_noise=aggregate_noise,
+  )

@@ -1,0 +1,90 @@
+"""What every task runner shares: the key check, the federated training run, the key study's four
+ways to run a model, and writing results (summary.json, an .h5ad)."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from infl_jax import keys as keylib
+from infl_jax.config import TrainConfig
+from infl_jax.federated import (ClientData, FederatedAlgorithm, RoundsResult, RunDir, ServerState, client_mesh,
+                                run_rounds, shard_clients)
+from runkit.errors import UserInputError
+from runkit.metrics_log import write_json_atomic
+
+__all__ = ["check_key_version", "evaluation_keys", "stopped_early", "train_federated", "write_h5ad",
+           "write_summary"]
+
+
+def check_key_version(config: TrainConfig, key: keylib.SecretKey) -> None:
+  if key.version != config.key_version:
+    raise UserInputError(f"the key file holds key version {key.version} but the run expects version "
+                         f"{config.key_version}; pass --key-version {key.version} or the matching key file")
+
+
+def evaluation_keys(key: keylib.SecretKey) -> dict[str, Any]:
+  """The four ways to run a trained model: right key, two kinds of wrong key, no INR path."""
+  return {
+      "right_key": key.coords,
+      "wrong_key_same_mode": keylib.wrong_key_like(key).coords,
+      "wrong_key_other_mode": keylib.other_mode_key(key).coords,
+      "no_inr": None,
+  }
+
+
+def train_federated(config: TrainConfig, workdir, algo: FederatedAlgorithm, variables, clients: ClientData,
+                    context: Any, *, rng: jax.Array, resume: bool = False, stop_after_round: int | None = None,
+                    show_progress: bool | None = None,
+                    extra_metrics: Callable[[ServerState, int], dict] | None = None) -> RoundsResult:
+  """Initialises the server state from ``variables`` and runs ``config.rounds`` rounds of ``algo`` in
+  ``workdir`` (metrics.jsonl, checkpoints; ``resume`` continues from the last one).
+
+  ``stop_after_round`` ends the run after that round's checkpoint (to test resume).
+  """
+  state = algo.init(variables, rng, key_version=config.key_version)
+  if config.shard_clients:
+    clients = shard_clients(clients, client_mesh())
+  fingerprint, defaults = config.resume_fingerprint()
+  run_dir = RunDir(pathlib.Path(workdir), checkpoint_every=config.checkpoint_every,
+                   keep_checkpoints=config.keep_checkpoints, fingerprint=fingerprint,
+                   fingerprint_defaults=defaults, resume=resume)
+  should_stop = None if stop_after_round is None else (lambda _, done: done >= stop_after_round)
+  return run_rounds(jax.jit(algo.round), state, clients, context, rounds=config.rounds, run_dir=run_dir,
+                    extra_metrics=extra_metrics, should_stop=should_stop, show_progress=show_progress)
+
+
+def stopped_early(result: RoundsResult, config: TrainConfig) -> dict | None:
+  """The summary of a run ended by ``stop_after_round`` before its last round, else None."""
+  done = int(result.state.round)
+  return {"stopped_after_round": done} if done < config.rounds else None
+
+
+def write_summary(workdir, summary: dict) -> dict:
+  write_json_atomic(pathlib.Path(workdir) / "summary.json", summary)
+  return summary
+
+
+def write_h5ad(path: pathlib.Path, x: np.ndarray, obs: dict, var_names, obsm: dict, layers: dict | None = None,
+               uns: dict | None = None) -> pathlib.Path:
+  """An AnnData file of a task's results: clusters and labels in ``obs``, embeddings in ``obsm``."""
+  import anndata
+  import pandas as pd
+
+  def column(name, values):
+    categorical = np.asarray(values).dtype.kind in "OUi" and name.endswith(("cluster", "client", "label"))
+    return pd.Categorical(values) if categorical else values
+
+  frame = pd.DataFrame({k: column(k, v) for k, v in obs.items()})
+  frame.index = [str(s) for s in obs["sample_id"]] if "sample_id" in obs else [str(i) for i in range(len(frame))]
+  adata = anndata.AnnData(np.asarray(x, np.float32), obs=frame, var=pd.DataFrame(index=[str(v) for v in var_names]))
+  for k, v in obsm.items():
+    adata.obsm[k] = np.asarray(v, np.float32)
+  for k, v in (layers or {}).items():
+    adata.layers[k] = np.asarray(v, np.float32)
+  adata.uns.update(uns or {})
+  adata.write_h5ad(path)
+  return path
