@@ -8,6 +8,7 @@ import pathlib
 import sys
 
 from infl_jax.config import TrainConfig
+from infl_jax.tasks.registry import TASKS
 from runkit.cli import prepare_workdir, run_cli
 from runkit.config import add_config_arguments, set_fields
 from runkit.errors import UserInputError
@@ -18,8 +19,6 @@ DEFAULT_KEY_NAME = "client_secret.key"
 
 
 def build_parser() -> argparse.ArgumentParser:
-  from infl_jax.tasks.registry import TASKS
-
   p = argparse.ArgumentParser(prog="infl-train", description=__doc__)
   groups = add_config_arguments(p, TrainConfig, choices={"task": sorted(TASKS)})
   groups["key"].add_argument("--key-file", help="the clients' secret key; created if missing "
@@ -68,16 +67,12 @@ def load_or_create_key(args: argparse.Namespace, config: TrainConfig, workdir: p
 def train_and_evaluate(config: TrainConfig, workdir, key, **kwargs) -> dict:
   """The dispatcher: runs ``config.task``'s runner (``resume``, ``stop_after_round``, ``show_progress``
   pass through) and returns its summary."""
-  from infl_jax.tasks.registry import TASKS
-
   if config.task not in TASKS:
     raise UserInputError(f"unknown task {config.task!r}; choose --task from {', '.join(sorted(TASKS))}")
   return TASKS[config.task].run(config, workdir, key, **kwargs)
 
 
 def _main(argv=None) -> None:
-  from infl_jax.tasks.registry import TASKS
-
   args = build_parser().parse_args(argv)
   config = config_from_args(args)
   workdir = prepare_workdir(args.workdir, resume=args.resume)

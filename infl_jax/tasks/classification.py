@@ -204,7 +204,7 @@ def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = F
                            client_data(split, config.key_version), coords, rng=server_rng, resume=resume,
                            stop_after_round=stop_after_round, show_progress=show_progress,
                            extra_metrics=validation_metrics)
-  if stop_after_round is not None and (stopped := stopped_early(result, config)):
+  if stopped := stopped_early(result, config):
     return stopped
 
   variables = global_variables(result.state)

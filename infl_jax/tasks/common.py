@@ -3,6 +3,7 @@ ways to run a model, and writing results (summary.json, an .h5ad)."""
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from typing import Any, Callable
 
@@ -16,7 +17,7 @@ from infl_jax.federated import (ClientData, FederatedAlgorithm, RoundsResult, Ru
 from runkit.errors import UserInputError
 from runkit.metrics_log import write_json_atomic
 
-__all__ = ["check_key_version", "evaluation_keys", "stopped_early", "train_federated", "write_h5ad",
+__all__ = ["check_key_version", "evaluation_keys", "stopped_early", "train_federated", "training_record", "write_h5ad",
            "write_summary"]
 
 
@@ -61,6 +62,13 @@ def stopped_early(result: RoundsResult, config: TrainConfig) -> dict | None:
   """The summary of a run ended by ``stop_after_round`` before its last round, else None."""
   done = int(result.state.round)
   return {"stopped_after_round": done} if done < config.rounds else None
+
+
+def training_record(result: RoundsResult, config: TrainConfig) -> dict:
+  """What every task's summary.json says about the federated training itself."""
+  return {"rounds": int(result.state.round), "federated_train_seconds_this_session": result.seconds,
+          "final_train_loss": result.history[-1]["train_loss"] if result.history else None,
+          "config": dataclasses.asdict(config)}
 
 
 def write_summary(workdir, summary: dict) -> dict:

@@ -22,7 +22,6 @@ and its encoder's parameters are updated only by clients that hold it.
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 from typing import Sequence
 
@@ -36,8 +35,8 @@ from infl_jax.config import TrainConfig
 from infl_jax.federated import Task, algorithm_from_config, global_variables, stack_clients
 from infl_jax.keyed import keyed
 from infl_jax.tasks.clustering import cluster_embedding, clustering_scores, format_clustering_summary
-from infl_jax.tasks.common import (check_key_version, evaluation_keys, stopped_early, train_federated, write_h5ad,
-                                   write_summary)
+from infl_jax.tasks.common import (check_key_version, evaluation_keys, stopped_early, train_federated,
+                                   training_record, write_h5ad, write_summary)
 from runkit.errors import UserInputError
 
 __all__ = ["MosaicAutoencoder", "format_summary", "make_mosaic_model", "mosaic_embed", "mosaic_task", "run"]
@@ -186,12 +185,10 @@ def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = F
   initial = model.init(init_rng, dummy, key_coords=None)
   result = train_federated(config, workdir, algo, initial, clients, jnp.asarray(key.coords), rng=server_rng,
                            resume=resume, stop_after_round=stop_after_round, show_progress=show_progress)
-  if stop_after_round is not None and (stopped := stopped_early(result, config)):
+  if stopped := stopped_early(result, config):
     return stopped
   summary = _evaluate(config, workdir, key, model, data, global_variables(result.state), initial)
-  summary.update(rounds=int(result.state.round), federated_train_seconds_this_session=result.seconds,
-                 final_train_loss=result.history[-1]["train_loss"] if result.history else None,
-                 config=dataclasses.asdict(config))
+  summary.update(training_record(result, config))
   return write_summary(workdir, summary)
 
 

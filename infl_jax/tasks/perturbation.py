@@ -24,7 +24,6 @@ post-perturbation expression (GEARS adds a direction term; the plain MSE is kept
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 
 import flax.linen as nn
@@ -36,8 +35,8 @@ from infl_jax import keys as keylib
 from infl_jax.config import TrainConfig
 from infl_jax.federated import Task, algorithm_from_config, global_variables, stack_clients
 from infl_jax.keyed import keyed
-from infl_jax.tasks.common import (check_key_version, evaluation_keys, stopped_early, train_federated, write_h5ad,
-                                   write_summary)
+from infl_jax.tasks.common import (check_key_version, evaluation_keys, stopped_early, train_federated,
+                                   training_record, write_h5ad, write_summary)
 from infl_jax.tasks.graph import mean_aggregate, sparsify_similarity
 from runkit.errors import UserInputError
 
@@ -199,13 +198,10 @@ def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = F
   result = train_federated(config, workdir, algo, model.init(init_rng, dummy, key_coords=None), clients,
                            jnp.asarray(key.coords), rng=server_rng, resume=resume, stop_after_round=stop_after_round,
                            show_progress=show_progress)
-  if stop_after_round is not None and (stopped := stopped_early(result, config)):
+  if stopped := stopped_early(result, config):
     return stopped
   summary = _evaluate(config, workdir, key, model, data, global_variables(result.state))
-  summary.update(client_sizes=[len(c["y"]) for c in per_client], rounds=int(result.state.round),
-                 federated_train_seconds_this_session=result.seconds,
-                 final_train_loss=result.history[-1]["train_loss"] if result.history else None,
-                 config=dataclasses.asdict(config))
+  summary.update(client_sizes=[len(c["y"]) for c in per_client], **training_record(result, config))
   return write_summary(workdir, summary)
 
 

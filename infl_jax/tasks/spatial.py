@@ -4,7 +4,6 @@ against a scanpy-style PCA + k-means baseline)."""
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 
 import flax.linen as nn
@@ -18,8 +17,8 @@ from infl_jax.federated import Task, algorithm_from_config, global_variables, st
 from infl_jax.keyed import keyed
 from infl_jax.tasks.clustering import (cluster_embedding, clustering_scores, format_clustering_summary,
                                        pca_kmeans_baseline)
-from infl_jax.tasks.common import (check_key_version, evaluation_keys, stopped_early, train_federated, write_h5ad,
-                                   write_summary)
+from infl_jax.tasks.common import (check_key_version, evaluation_keys, stopped_early, train_federated,
+                                   training_record, write_h5ad, write_summary)
 from infl_jax.tasks.graph import knn_graph, mean_aggregate, restrict_graph
 from runkit.errors import UserInputError
 
@@ -126,12 +125,10 @@ def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = F
                        key_coords=None)
   result = train_federated(config, workdir, algo, initial, clients, coords, rng=server_rng, resume=resume,
                            stop_after_round=stop_after_round, show_progress=show_progress)
-  if stop_after_round is not None and (stopped := stopped_early(result, config)):
+  if stopped := stopped_early(result, config):
     return stopped
   summary = _evaluate(config, workdir, key, model, data, per_client, nodes, global_variables(result.state), initial)
-  summary.update(rounds=int(result.state.round), federated_train_seconds_this_session=result.seconds,
-                 final_train_loss=result.history[-1]["train_loss"] if result.history else None,
-                 config=dataclasses.asdict(config))
+  summary.update(training_record(result, config))
   return write_summary(workdir, summary)
 
 
