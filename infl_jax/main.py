@@ -6,27 +6,53 @@ import argparse
 import dataclasses
 import pathlib
 import sys
+import warnings
 
 from infl_jax.config import TrainConfig
+from infl_jax.tasks.common import write_summary
 from infl_jax.tasks.registry import TASKS
-from runkit.cli import prepare_workdir, run_cli
+from runkit.cli import (ArgumentParser, add_compile_cache_argument, enable_compilation_cache, prepare_workdir,
+                        run_cli, workdir_transaction)
 from runkit.config import add_config_arguments, set_fields
 from runkit.errors import UserInputError
 
-__all__ = ["build_parser", "config_from_args", "main", "train_and_evaluate"]
+__all__ = ["build_parser", "check_key_arguments", "config_from_args", "main", "train_and_evaluate"]
 
 DEFAULT_KEY_NAME = "client_secret.key"
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="infl-train", description=__doc__)
+  p = ArgumentParser(prog="infl-train", description=__doc__)
   groups = add_config_arguments(p, TrainConfig, choices={"task": sorted(TASKS)})
-  groups["key"].add_argument("--key-file", help="the clients' secret key; created if missing "
-                             f"(default: WORKDIR/{DEFAULT_KEY_NAME})")
+  groups["key"].add_argument("--key-file", help="the clients' secret key; created if missing, from the OS's secure "
+                             f"random source (default: WORKDIR/{DEFAULT_KEY_NAME})")
+  groups["key"].add_argument("--key-seed", type=_key_seed, help="make a newly created key from this integer: "
+                             "reproducible but INSECURE: anyone who knows the seed rebuilds the key (default: 32 "
+                             "bytes from the OS's secure random source)")
   groups["key"].add_argument("--overwrite-key", action="store_true", help="replace an existing key file with a new key")
+  groups["key"].add_argument("--allow-shared-key-file", action="store_true", help="accept a key file that group or "
+                             "others may read (refused by default: chmod 600 it)")
   p.add_argument("--workdir", required=True, help="folder for checkpoints, metrics.jsonl and summary.json")
   p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its last checkpoint")
+  add_compile_cache_argument(p)
   return p
+
+
+def _key_seed(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+  if not 0 <= value < 2**256:
+    raise argparse.ArgumentTypeError(f"must be an integer >= 0 (and < 2**256), got {value}")
+  return value
+
+
+def check_key_arguments(args: argparse.Namespace) -> None:
+  """Refuses key options that contradict each other, before anything is read or written."""
+  if args.overwrite_key and args.resume:
+    raise UserInputError("--overwrite-key with --resume would replace the key the run was trained with; drop "
+                         "--overwrite-key (a new key needs a new run in another --workdir)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -46,21 +72,35 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
   return config
 
 
+def key_path(args: argparse.Namespace, workdir: pathlib.Path) -> pathlib.Path:
+  return pathlib.Path(args.key_file).expanduser() if args.key_file else workdir / DEFAULT_KEY_NAME
+
+
 def load_or_create_key(args: argparse.Namespace, config: TrainConfig, workdir: pathlib.Path):
   from infl_jax import keys as keylib
 
-  path = pathlib.Path(args.key_file) if args.key_file else workdir / DEFAULT_KEY_NAME
+  path = key_path(args, workdir)
   if path.exists() and not args.overwrite_key:
     if any(v is not None for v in (args.key_seed, args.key_mode)):
       raise UserInputError(f"{path} already holds a key, so --key-seed/--key-mode would be ignored; drop them, "
                            "pass --overwrite-key to replace the key, or point --key-file elsewhere")
-    return keylib.load_key(path)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", keylib.InsecureKeyWarning)  # said below, in one line
+      key = keylib.load_key(path, allow_shared=args.allow_shared_key_file)
+    if key.seeded:
+      print(f"note: {path} holds a seed-derived key: reproducible but insecure (anyone who knows the seed "
+            "rebuilds it)", file=sys.stderr)
+    return key
   if args.resume and not path.exists():
     raise UserInputError(f"--resume needs the run's key file, but {path} does not exist; pass --key-file")
-  key = keylib.generate_key(config.key_seed, mode=config.key_mode, version=config.key_version)
+  try:
+    key = keylib.generate_key(args.key_seed, mode=config.key_mode, version=config.key_version)
+  except ValueError as e:  # e.g. a negative seed
+    raise UserInputError(f"--key-seed/--key-mode: {e}") from None
   keylib.save_key(key, path, overwrite=args.overwrite_key)
-  print(f"created a new secret key in {path} (owner-only); keep it with the clients, never with the server",
-        file=sys.stderr)
+  insecure = "; made from --key-seed: reproducible but INSECURE" if key.seeded else ""
+  print(f"created a new secret key in {path} (owner-only, fingerprint {key.fingerprint}{insecure}); keep it with "
+        "the clients, never with the server", file=sys.stderr)
   return key
 
 
@@ -69,15 +109,26 @@ def train_and_evaluate(config: TrainConfig, workdir, key, **kwargs) -> dict:
   pass through) and returns its summary."""
   if config.task not in TASKS:
     raise UserInputError(f"unknown task {config.task!r}; choose --task from {', '.join(sorted(TASKS))}")
-  return TASKS[config.task].run(config, workdir, key, **kwargs)
+  # The run records its key by fingerprint (a resume must match it), never by anything that rebuilds it
+  # (docs/design.md, "Keys").
+  config = dataclasses.replace(config, key_mode=key.mode, key_fingerprint=key.fingerprint)
+  summary = TASKS[config.task].run(config, workdir, key, **kwargs)
+  if "config" in summary:  # a finished run, whose summary.json the runner wrote
+    summary = write_summary(workdir, {**summary, "key": key.public_record()})
+  return summary
 
 
 def _main(argv=None) -> None:
   args = build_parser().parse_args(argv)
+  check_key_arguments(args)
   config = config_from_args(args)
-  workdir = prepare_workdir(args.workdir, resume=args.resume)
-  key = load_or_create_key(args, config, workdir)
-  summary = train_and_evaluate(config, workdir, key, resume=args.resume)
+  workdir = prepare_workdir(args.workdir, resume=args.resume, create=False)
+  enable_compilation_cache(args.compile_cache)
+  # A run that fails before its first checkpoint (bad data, a wrong --label-key) takes back the key
+  # file and folders it made: left behind, the key made the next run with --key-seed refuse to start.
+  with workdir_transaction(workdir, files=[key_path(args, workdir)], create=True):
+    key = load_or_create_key(args, config, workdir)
+    summary = train_and_evaluate(config, workdir, key, resume=args.resume)
   print(TASKS[config.task].format_summary(summary))
   written = [workdir / "summary.json", workdir / "metrics.jsonl"] + ([summary["h5ad"]] if "h5ad" in summary else [])
   print(f"wrote {', '.join(map(str, written))}")

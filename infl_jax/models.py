@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from infl_jax.keyed._params import compute_dtype
+from infl_jax.keyed.encoder import KEY_DIM
 from infl_jax.keyed.transform import KeyedModel, keyed
 
 # Reference settings for the proteomics cohort task (docs/design.md, "Data sets and presets").
@@ -63,15 +64,17 @@ def _check_input(x: jax.Array, model_name: str) -> None:
 
 
 class ResidualBlock(nn.Module):
-  """Dense-(FiLM)-BN-ReLU-Dropout-Dense-(FiLM), added to the input, then BN and ReLU.
+  """Dense-(FiLM)-BN-ReLU-Dropout-Dense-(FiLM), added to the input, then BN.
 
-  FiLM appears once the model is keyed (it follows every keyed Dense). The reference names
-  "BN after the add"; the ReLU after it (post-activation residual block) is our choice.
+  FiLM appears once the model is keyed (it follows every keyed Dense). As in the reference the
+  block ends with the BatchNorm of the sum; ``output_relu`` adds a ReLU after it (a
+  post-activation block), an option kept for comparison (docs/design.md, "Data sets and presets").
   """
 
   features: int
   dropout_rate: float = PROTEOMICS_DROPOUT
   dtype: Any = None  # compute dtype (None: float32); parameters stay float32
+  output_relu: bool = False
 
   @nn.compact
   def __call__(self, h: jax.Array, train: bool = False, mask: jax.Array | None = None) -> jax.Array:
@@ -79,7 +82,8 @@ class ResidualBlock(nn.Module):
     y = nn.relu(_batch_norm(train, "bn_0", self.dtype)(y, mask=_row_mask(mask)))
     y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
     y = nn.Dense(self.features, dtype=self.dtype, name="dense_1")(y)
-    return nn.relu(_batch_norm(train, "bn_out", self.dtype)(h + y, mask=_row_mask(mask)))
+    out = _batch_norm(train, "bn_out", self.dtype)(h + y, mask=_row_mask(mask))
+    return nn.relu(out) if self.output_relu else out
 
 
 class PlainProteomicsNet(nn.Module):
@@ -94,6 +98,7 @@ class PlainProteomicsNet(nn.Module):
   num_blocks: int = 2
   dropout_rate: float = PROTEOMICS_DROPOUT
   dtype: Any = None  # compute dtype (None: float32); parameters stay float32
+  residual_relu: bool = False  # a ReLU after each residual block's output BatchNorm (not the reference)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None) -> jax.Array:
@@ -101,18 +106,26 @@ class PlainProteomicsNet(nn.Module):
     _check_input(x, type(self).__name__)
     h = nn.Dense(self.hidden, dtype=self.dtype, name="embed")(x)
     for i in range(self.num_blocks):
-      h = ResidualBlock(self.hidden, self.dropout_rate, self.dtype, name=f"block_{i}")(h, train, mask)
+      h = ResidualBlock(self.hidden, self.dropout_rate, self.dtype, self.residual_relu,
+                        name=f"block_{i}")(h, train, mask)
     h = nn.relu(nn.Dense(self.bottleneck, dtype=self.dtype, name="bottleneck")(h))
     h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
     return nn.Dense(self.num_classes, dtype=_head_dtype(self.dtype), name="head")(h)
 
 
+NORMS = ("batch", "layer", "none")
+
+
 class PlainMLPClassifier(nn.Module):
-  """An MLP classifier: [Dense-(BN)-ReLU-(Dropout)] per hidden size, then Dense(->classes)."""
+  """An MLP classifier: [Dense-(Norm)-ReLU-(Dropout)] per hidden size, then Dense(->classes).
+
+  ``norm``: "batch" (BatchNorm), "layer" (LayerNorm: per-sample statistics, so a client holding a
+  single class normalises as a mixed one does and there are no running statistics to average) or "none".
+  """
 
   hidden_sizes: Sequence[int]
   num_classes: int
-  use_batch_norm: bool = False
+  norm: str = "none"
   dropout_rate: float = 0.0
   dtype: Any = None  # compute dtype (None: float32); parameters stay float32
 
@@ -123,8 +136,10 @@ class PlainMLPClassifier(nn.Module):
     h = x
     for i, size in enumerate(self.hidden_sizes):
       h = nn.Dense(size, dtype=self.dtype, name=f"dense_{i}")(h)
-      if self.use_batch_norm:
+      if self.norm == "batch":
         h = _batch_norm(train, f"bn_{i}", self.dtype)(h, mask=_row_mask(mask))
+      elif self.norm == "layer":
+        h = nn.LayerNorm(epsilon=BATCH_NORM_EPSILON, dtype=self.dtype, name=f"ln_{i}")(h)
       h = nn.relu(h)
       if self.dropout_rate > 0:
         h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
@@ -153,19 +168,22 @@ def make_proteomics_net(
     film: bool = True,
     variant: str = "modulation",
     dtype: Any = None,
+    residual_relu: bool = False,
 ) -> KeyedModel:
   """The keyed reference proteomics network: every Dense keyed, FiLM after all but ``head``.
 
+  As the reference (docs/design.md, "Data sets and presets"): no ReLU after a residual block's
+  output BatchNorm (``residual_relu=True`` adds one) and a key encoder as wide as the key vector.
   ``dtype``: compute dtype, None/"float32" or "bfloat16" (mixed precision, see the module doc).
   """
   _check_sizes(num_classes, hidden=hidden, bottleneck=bottleneck)
   if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
     raise ValueError(f"num_blocks must be an integer >= 0, got {num_blocks!r}")
   _check_rate(dropout_rate)
-  plain = PlainProteomicsNet(num_classes, hidden, bottleneck, num_blocks, dropout_rate, compute_dtype(dtype))
-  return keyed(
-      plain, key_strength=key_strength, film=film, variant=variant, film_skip=("head",)
-  )
+  plain = PlainProteomicsNet(num_classes, hidden, bottleneck, num_blocks, dropout_rate, compute_dtype(dtype),
+                             residual_relu)
+  return keyed(plain, key_strength=key_strength, film=film, variant=variant, film_skip=("head",),
+               encoder_hidden=KEY_DIM)
 
 
 def make_mlp_classifier(
@@ -173,7 +191,7 @@ def make_mlp_classifier(
     num_classes: int,
     *,
     key_strength: float = 1.0,
-    use_batch_norm: bool = False,
+    norm: str = "none",
     dropout_rate: float = 0.0,
     film: bool = True,
     variant: str = "modulation",
@@ -186,7 +204,9 @@ def make_mlp_classifier(
   hidden_sizes = tuple(hidden_sizes)
   _check_sizes(num_classes, **{f"hidden_sizes[{i}]": s for i, s in enumerate(hidden_sizes)})
   _check_rate(dropout_rate)
-  plain = PlainMLPClassifier(hidden_sizes, num_classes, use_batch_norm, dropout_rate, compute_dtype(dtype))
+  if norm not in NORMS:
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+  plain = PlainMLPClassifier(hidden_sizes, num_classes, norm, dropout_rate, compute_dtype(dtype))
   return keyed(
       plain, key_strength=key_strength, film=film, variant=variant, film_skip=("head",)
   )

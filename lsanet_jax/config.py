@@ -59,7 +59,9 @@ class TrainConfig:
   batch_size: int = option(128, "training batch size", group="training", minimum=1)
   learning_rate: float = option(1e-3, "Adam step size, x0.1 after half and after three quarters of the epochs",
                                 flag="--lr", group="training", above=0)
-  seed: int = option(0, "seed of the label subset, the digits split, initialisation and batches", group="training")
+  # The bounds of numpy's and scikit-learn's seeds (the label subset, the digits split).
+  seed: int = option(0, "seed of the label subset, the digits split, initialisation and batches", group="training",
+                     minimum=0, maximum=2**32 - 1)
   augment: bool = option(False, "random flips and padded crops", group="training", const=True)
   bf16: bool = option(False, "bfloat16 compute (parameters stay float32)", group="training", const=True)
   as_rgb: bool = option(False, "repeat grey images to 3 channels", group="data", const=True)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from runkit.cli import prepare_workdir, run_cli
+from runkit.cli import (ArgumentParser, add_compile_cache_argument, enable_compilation_cache, prepare_workdir,
+                        run_cli, workdir_transaction)
 from runkit.config import add_config_arguments, set_fields
 from runkit.errors import UserInputError
 
@@ -23,7 +24,7 @@ from lsanet_jax.data.medmnist import INFO
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = ArgumentParser(
       prog="lsanet-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   groups = add_config_arguments(parser, TrainConfig)
   groups["data"].add_argument("--download", action="store_true",
@@ -36,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
   groups["run"].add_argument("--workdir", required=True, help="folder for metrics, summary, plots, checkpoints")
   groups["run"].add_argument("--resume", action="store_true", help="continue the run in --workdir")
   groups["run"].add_argument("--stop-after-epochs", type=int, default=None,
-                             help="stop (checkpointed) after this many epochs of this invocation; --resume later")
+                             help="stop (checkpointed) after this many epochs of this invocation; --resume later "
+                             "(default: all epochs)")
+  add_compile_cache_argument(groups["run"])
   return parser
 
 
@@ -62,10 +65,13 @@ def run(argv=None) -> dict | None:
     from lsanet_jax.data.download import ZENODO_URL_TEMPLATE, download_medmnist
     download_medmnist(config.flag, config.root, config.size,
                       url_template=args.download_url_template or ZENODO_URL_TEMPLATE)
-  # train_and_evaluate creates the folder once the data have loaded: a missing file leaves nothing behind.
   workdir = prepare_workdir(args.workdir, resume=args.resume, create=False)
-  summary = train.train_and_evaluate(config, workdir, variant=args.variant, resume=args.resume,
-                                     stop_after_epochs=args.stop_after_epochs)
+  enable_compilation_cache(args.compile_cache)
+  # A run that fails before its first checkpoint leaves the workdir as it found it (no empty
+  # checkpoints/ or metrics.jsonl that would make the next run look like a resume).
+  with workdir_transaction(workdir):
+    summary = train.train_and_evaluate(config, workdir, variant=args.variant, resume=args.resume,
+                                       stop_after_epochs=args.stop_after_epochs)
   if summary is not None:
     head = summary["heads"][summary["selection_head"]]
     print(f"best epoch {summary['best_epoch']}: test ACC {head['test_acc']:.4f} AUC {head['test_auc']:.4f} "

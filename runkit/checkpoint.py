@@ -9,9 +9,13 @@ run killed mid-save leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
+import logging
 import pathlib
-
+import re
+import sys
 
 import jax
 import numpy as np
@@ -35,6 +39,72 @@ def _json_default(obj):
   raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
 
 
+def _short_reason(error: Exception, limit: int = 120) -> str:
+  """The end of an error's first line, where TensorStore says what is wrong (its spec dropped)."""
+  lines = str(error).strip().splitlines()
+  text = re.sub(r"\s*\[tensorstore_spec=.*", "", lines[0] if lines else "")
+  parts, reason = text.split(": "), ""
+  while parts and len(parts[-1]) + len(reason) + 2 <= limit:
+    reason = parts.pop() + (": " + reason if reason else "")
+  return reason or text[-limit:] or type(error).__name__
+
+
+@contextlib.contextmanager
+def _orbax_logs_muted():
+  """Orbax logs (through absl) the files it cannot read; restore turns those into one CheckpointError."""
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    absl_logger.setLevel(level)
+
+
+class _AbandonedReads(logging.Filter):
+  """Drops the reports of reads that orbax started and abandoned once one of them failed ("Task exception
+  was never retrieved", a callback for a finished future): the CheckpointError already says what failed."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage().split("\n", 1)[0]
+    return not (message.endswith(" exception was never retrieved")  # of a Task or a Future
+                or message.startswith("exception calling callback for"))
+
+
+_ABANDONED_READS = _AbandonedReads()
+
+
+def _drop_closed_loop_errors(hook):
+  # A read finishing after orbax closed its event loop reports this error, from a TensorStore thread,
+  # as an unraisable exception.
+  def unraisablehook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+      hook(unraisable)
+  unraisablehook.drops_closed_loop_errors = True
+  return unraisablehook
+
+
+@contextlib.contextmanager
+def _abandoned_reads_muted():
+  """While reading, and after a failed read for the rest of the process: the reads orbax started
+  alongside a failed one report the failure again, during the read or whenever they are collected."""
+  loggers = [logging.getLogger(name) for name in ("asyncio", "concurrent.futures")]
+  added = [logger for logger in loggers if _ABANDONED_READS not in logger.filters]
+  for logger in added:
+    logger.addFilter(_ABANDONED_READS)
+  hook = sys.unraisablehook
+  if not getattr(hook, "drops_closed_loop_errors", False):
+    sys.unraisablehook = _drop_closed_loop_errors(hook)
+  try:
+    yield
+  except Exception:
+    gc.collect()  # the abandoned tasks report when collected: now, while the filter is on
+    raise
+  for logger in added:
+    logger.removeFilter(_ABANDONED_READS)
+  sys.unraisablehook = hook
+
+
 class Checkpointer:
   """Saves every ``save_every`` steps, keeps the newest ``keep``, restores with checks."""
 
@@ -55,11 +125,12 @@ class Checkpointer:
         create=True,
         enable_async_checkpointing=False,
     )
-    self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
-    )
+    with _orbax_logs_muted():  # it logs each unreadable step's metadata file; restore reports that step
+      self._manager = ocp.CheckpointManager(
+          self.directory,
+          options=options,
+          item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+      )
 
   def save(self, step: int, state, *, extra: dict | None = None, force: bool = False) -> bool:
     """Writes ``state`` at ``step`` if it falls on the interval (or ``force``); returns whether it did."""
@@ -89,26 +160,41 @@ class Checkpointer:
     elif step not in self.all_steps():
       raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; available steps: {self.all_steps()}")
 
-    advice = (f"delete {self.directory / str(step)} to resume from an earlier step "
-              f"(available: {self.all_steps()}), or start a fresh --workdir")
-    try:
+    with self._reading(step):
       meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    except Exception as e:  # orbax/tensorstore raise many types for unreadable files
-      raise CheckpointError(f"checkpoint step {step} in {self.directory} has unreadable metadata "
-                            f"({type(e).__name__}: {e}); {advice}") from e
     if not isinstance(meta, dict) or "config" not in meta:
-      raise CheckpointError(f"checkpoint step {step} in {self.directory} was not written by this library; {advice}")
+      raise CheckpointError(f"{self._where(step)} was not written by this library; {self._advice(step)}")
     self._check_config(meta["config"])
 
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_template)
     self._check_structure(step, abstract)
-    try:
+    with self._reading(step):
       restored = self._manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-    except Exception as e:
-      raise CheckpointError(f"checkpoint step {step} in {self.directory} could not be read, it is probably "
-                            f"corrupted ({type(e).__name__}: {e}); {advice}") from e
     return restored, meta.get("extra", {})
+
+  def _where(self, step: int) -> str:
+    return f"checkpoint step {step} at {self.directory / str(step)}"
+
+  def _advice(self, step: int) -> str:
+    earlier = [s for s in self.all_steps() if s < step]
+    if earlier:
+      return (f"delete that folder to resume from the previous checkpoint (step {earlier[-1]}), or start again "
+              "in a new --workdir")
+    return "it is the only checkpoint: delete that folder and rerun without --resume, or start again in a new --workdir"
+
+  @contextlib.contextmanager
+  def _reading(self, step: int):
+    """Turns any failure to read ``step`` into one short CheckpointError naming the folder and the fix.
+
+    Orbax and TensorStore raise many types for unreadable files, with messages of 60 lines (the whole
+    TensorStore spec); orbax also logs the failure, and reads it abandoned report it again later."""
+    try:
+      with _orbax_logs_muted(), _abandoned_reads_muted():
+        yield
+    except Exception as e:
+      raise CheckpointError(f"{self._where(step)} is unreadable (corrupted or incomplete: {_short_reason(e)}); "
+                            f"{self._advice(step)}") from e
 
   def _check_config(self, saved: dict) -> None:
     saved = {**{k: v for k, v in self.config_defaults.items() if k in self.config}, **saved}
@@ -120,15 +206,11 @@ class Checkpointer:
                             "resume with the original settings or use a new --workdir")
 
   def _check_structure(self, step: int, abstract) -> None:
-    try:
+    with self._reading(step):
       saved = self._manager.item_metadata(step)["state"]
-    except Exception as e:
-      raise CheckpointError(f"checkpoint step {step} in {self.directory} has unreadable array metadata "
-                            f"({type(e).__name__}: {e}); it is probably corrupted: delete that step folder to resume "
-                            f"from an earlier step (available: {self.all_steps()}), or start a fresh --workdir") from e
     if saved is None:
-      raise CheckpointError(f"checkpoint step {step} in {self.directory} has no array metadata; it is incomplete "
-                            "or was not written by this library")
+      raise CheckpointError(f"{self._where(step)} has no array metadata (incomplete, or not written by this "
+                            f"library); {self._advice(step)}")
     saved_tree = getattr(saved, "tree", saved)
     want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
     have = {jax.tree_util.keystr(p): tuple(getattr(x, "shape", ()))

@@ -94,6 +94,19 @@ def _cli_fields(cls) -> list[tuple[dataclasses.Field, Any]]:
   return [(f, hints[f.name]) for f in dataclasses.fields(cls) if "help" in f.metadata and not f.metadata[_NO_CLI]]
 
 
+def _default_text(meta, kind, shown) -> str:
+  """What ``--help`` gives as an option's default: its ``default_help``, else the value as typed."""
+  if meta["default_help"] is not None:
+    return meta["default_help"]
+  if meta["const"] is not None:  # a switch such as --bf16 storing "bfloat16"
+    return "on" if shown == meta["const"] else "off"
+  if kind is bool:
+    return "on" if shown else "off"
+  if shown is None:
+    return "unset"  # argparse's own "(default: None)" read as if None were a value to type
+  return ",".join(map(str, shown)) if isinstance(shown, tuple) else str(shown)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls, *, defaults: dict | None = None,
                          choices: dict[str, Sequence[Any]] | None = None,
                          exclude: Sequence[str] = ()) -> dict[str, argparse._ArgumentGroup]:
@@ -112,20 +125,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, *, defaults: dict
     kind, _ = _base_type(annotation)
     group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
     shown = (defaults or {}).get(field.name, field.default)
-    help_text = meta["help"]
-    if meta["default_help"] is not None:
-      help_text += f" (default: {meta['default_help']})"
-    elif meta["const"] is None and kind is not bool and shown is not None:
-      shown_text = ",".join(map(str, shown)) if isinstance(shown, tuple) else shown
-      help_text += f" (default: {shown_text})"
+    help_text = f"{meta['help']} (default: {_default_text(meta, kind, shown)})"
     kwargs: dict[str, Any] = {"dest": field.name, "default": None, "help": help_text}
     names = [_flag(field), *meta["aliases"]]
     if meta["const"] is not None:
       kwargs.update(action="store_const", const=meta["const"])
     elif kind is bool:
       kwargs.update(action=argparse.BooleanOptionalAction)
-      if meta["default_help"] is None:
-        kwargs["help"] += f" (default: {'on' if shown else 'off'})"
     else:
       if typing.get_origin(kind) is tuple:
         kwargs["type"] = _comma_separated(typing.get_args(kind)[0], shown or ())
@@ -146,19 +152,30 @@ def set_fields(cls, args: argparse.Namespace) -> dict[str, Any]:
   return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 
+def _number_text(bound) -> str:
+  return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_ranges(config) -> None:
-  """Raises ValueError naming the option (as typed on the command line) whose value is out of range."""
+  """Raises ValueError naming the option (as typed on the command line) whose value is out of range:
+  NaN and infinities always (every comparison with NaN is False, so a bound alone lets it through),
+  and the field's bounds; a tuple such as ``--hidden 256,128`` is checked element by element."""
   for field in dataclasses.fields(config):
     meta, value = field.metadata, getattr(config, field.name)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-      continue
+    values = value if isinstance(value, tuple) else (value,)
     low, high, above = meta.get("minimum"), meta.get("maximum"), meta.get("above")
-    bad = (not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high)
-           or (above is not None and value <= above))
-    if bad:
-      bounds = [f">= {low:g}" if low is not None else "", f"> {above:g}" if above is not None else "",
-                f"<= {high:g}" if high is not None else ""]
-      raise ValueError(f"{_flag(field)} must be a finite number {' and '.join(b for b in bounds if b)}, got {value!r}")
+    for item in filter(_is_number, values):
+      finite = isinstance(item, int) or math.isfinite(item)  # (a huge int would overflow isfinite)
+      if finite and (low is None or item >= low) and (high is None or item <= high) and (above is None or item > above):
+        continue
+      bounds = [f"{op} {_number_text(b)}" for op, b in ((">=", low), (">", above), ("<=", high)) if b is not None]
+      each, got = (" each", ",".join(map(str, value))) if isinstance(value, tuple) else ("", repr(value))
+      raise ValueError(f"{_flag(field)} must{each} be a finite number {' and '.join(bounds)}, "
+                       f"got {got}")
 
 
 def resume_fingerprint(config) -> tuple[dict, dict]:

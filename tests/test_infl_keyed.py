@@ -342,8 +342,8 @@ def test_proteomics_net_three_modes_and_tree(small_net):
 def test_zero_key_strength_model_equals_plain_model_in_training():
   x = NET_X
   for model, plain_model in (
-      (make_mlp_classifier((8, 4), 3, key_strength=0.0, use_batch_norm=True, dropout_rate=0.3),
-       PlainMLPClassifier((8, 4), 3, use_batch_norm=True, dropout_rate=0.3)),
+      (make_mlp_classifier((8, 4), 3, key_strength=0.0, norm="batch", dropout_rate=0.3),
+       PlainMLPClassifier((8, 4), 3, norm="batch", dropout_rate=0.3)),
       (make_proteomics_net(3, key_strength=0.0, hidden=8, bottleneck=4), PlainProteomicsNet(3, 8, 4)),
   ):
     plain_vars = plain_model.init(jax.random.key(2), x)
@@ -470,7 +470,9 @@ def test_key_file_errors(tmp_path):
   path = save_key(key, tmp_path / "k.json")
   record = json.loads(path.read_text())
 
-  wrong_shape = dict(record, coords=np.zeros((128, 3)).tolist())
+  # A format-1 file (seed and coordinates) of the wrong shape.
+  wrong_shape = {"format": "infl-secret-key", "format_version": 1, "seed": 5, "mode": "uniform", "version": 1,
+                 "coords_sha256": "0" * 64, "coords": np.zeros((128, 3)).tolist()}
   write_private(tmp_path / "shape.json", json.dumps(wrong_shape))
   with pytest.raises(KeyFileError, match=r"shape \(128, 3\)"):
     load_key(tmp_path / "shape.json")
@@ -479,8 +481,7 @@ def test_key_file_errors(tmp_path):
   with pytest.raises(KeyFileError, match="corrupted"):
     load_key(tmp_path / "trunc.json")
 
-  tampered = dict(record)
-  tampered["coords"] = [[c[0] + 0.001, c[1]] for c in record["coords"]]
+  tampered = dict(record, material=("1" if record["material"][0] == "0" else "0") + record["material"][1:])
   write_private(tmp_path / "tampered.json", json.dumps(tampered))
   with pytest.raises(KeyFileError, match="checksum"):
     load_key(tmp_path / "tampered.json")
@@ -489,8 +490,9 @@ def test_key_file_errors(tmp_path):
     load_key(tmp_path / "missing.json")
 
   os.chmod(path, 0o644)
-  with pytest.warns(UserWarning, match="chmod 600"):
+  with pytest.raises(KeyFileError, match="chmod 600"):
     load_key(path)
+  assert load_key(path, allow_shared=True) == key
 
   with pytest.raises(ValueError, match=r"\[M, 2\]"):
-    SecretKey(1, "uniform", 1, np.zeros((128, 3)))
+    SecretKey(bytes(32), "uniform", 1, np.zeros((128, 3)))

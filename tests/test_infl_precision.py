@@ -30,7 +30,7 @@ def _relative_max_diff(a, b):
 
 @pytest.mark.parametrize("make", [
     lambda dtype: models.make_proteomics_net(3, hidden=16, bottleneck=8, dtype=dtype),  # lambda 20
-    lambda dtype: models.make_mlp_classifier((16, 8), 3, key_strength=20.0, use_batch_norm=True, dtype=dtype),
+    lambda dtype: models.make_mlp_classifier((16, 8), 3, key_strength=20.0, norm="batch", dtype=dtype),
 ], ids=["proteomics", "mlp"])
 def test_bf16_logits_close_to_float32_and_state_stays_float32(make):
   full, mixed = make(None), make("bfloat16")
@@ -90,7 +90,7 @@ def test_bf16_training_reaches_float32_loss_with_float32_master_weights():
   clients = _blobs(0, [40, 25, 60])
   losses, finals = {}, {}
   for dtype in (None, "bfloat16"):
-    model = models.make_mlp_classifier((16,), 3, key_strength=5.0, use_batch_norm=True, dtype=dtype)
+    model = models.make_mlp_classifier((16,), 3, key_strength=5.0, norm="batch", dtype=dtype)
     variables = model.init(jax.random.key(1), X, key_coords=None, train=False)
     algo = fedavg(classification_task(model), optax.adam(3e-3), local_epochs=2, batch_size=16)
     state = algo.init(variables, jax.random.key(0))

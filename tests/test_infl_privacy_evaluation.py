@@ -20,10 +20,10 @@ anndata = pytest.importorskip("anndata")
 pd = pytest.importorskip("pandas")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# Every stage kind at its smallest: 2 lambdas (0 and the generic preset's 1), hardened, one DP
+# Every stage kind at its smallest: 2 lambdas (0 and a main lambda of 1), hardened, one DP
 # epsilon, LiRA with 2 shadows; few rounds, targets and inversion steps.
 TINY_FLAGS = ["--label-key", "cell_type", "--client-key", "site", "--rounds", "2", "--local-epochs", "1",
-              "--lambdas", "0,1", "--dp-epsilons", "3", "--num-targets", "3", "--inversion-steps", "5",
+              "--lambdas", "0,1", "--main-lambda", "1", "--dp-epsilons", "3", "--num-targets", "3", "--inversion-steps", "5",
               "--inversion-restarts", "1", "--adaptive-samples", "0,2", "--num-shadows", "2", "--shadow-epochs", "2",
               "--hardened", "--no-progress"]
 STAGES = {"plain FedAvg (lambda 0)": ("right_key",), "INFL lambda 1": ATTACKERS, "hardened INFL lambda 1": ATTACKERS,

@@ -34,7 +34,7 @@ _CHILD = textwrap.dedent("""
     clients = stack_clients(per_client, key_version=[1, 1, 2, 1, 1, 1])  # client 2 holds a stale key
     mesh = client_mesh()
     sharded = shard_clients(clients, mesh)
-    model = models.make_mlp_classifier((8,), 3, key_strength=1.0, use_batch_norm=True, dropout_rate=0.2)
+    model = models.make_mlp_classifier((8,), 3, key_strength=1.0, norm="batch", dropout_rate=0.2)
     coords = jnp.asarray(keys.generate_key(0).coords)
     variables = model.init({"params": jax.random.key(1), "dropout": jax.random.key(1)}, jnp.zeros((2, 5)),
                            key_coords=None, train=False)

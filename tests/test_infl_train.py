@@ -1,5 +1,6 @@
 """infl-train end to end: resume equals an uninterrupted run, no key material at the server, clear errors."""
 
+import dataclasses
 import json
 import pathlib
 
@@ -21,8 +22,9 @@ def _config(**kw):
   return TrainConfig.for_dataset("proteomics", **{**SMALL, **kw})
 
 
-def _final_state(workdir, config):
-  fingerprint, defaults = config.resume_fingerprint()
+def _final_state(workdir, config, key):
+  # train_and_evaluate records the key's fingerprint in the run's settings (docs/design.md, "Keys").
+  fingerprint, defaults = dataclasses.replace(config, key_fingerprint=key.fingerprint).resume_fingerprint()
   ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", config=fingerprint, config_defaults=defaults)
   step = ckpt.latest_step()
   metadata = ckpt._manager.item_metadata(step)["state"]
@@ -42,8 +44,8 @@ def test_resume_is_bit_identical_to_uninterrupted_run(tmp_path, key):
   full = train_and_evaluate(config, tmp_path / "full", key, show_progress=False)
   train_and_evaluate(config, tmp_path / "split", key, stop_after_round=2, show_progress=False)
   resumed = train_and_evaluate(config, tmp_path / "split", key, resume=True, show_progress=False)
-  a, _ = _final_state(tmp_path / "full", config)
-  b, _ = _final_state(tmp_path / "split", config)
+  a, _ = _final_state(tmp_path / "full", config, key)
+  b, _ = _final_state(tmp_path / "split", config, key)
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_array_equal(x, y)
   assert full["test"] == resumed["test"]
@@ -55,10 +57,12 @@ def test_resume_is_bit_identical_to_uninterrupted_run(tmp_path, key):
 def test_server_state_and_checkpoint_hold_no_key_material(tmp_path, key):
   config = _config(rounds=2)
   train_and_evaluate(config, tmp_path, key, show_progress=False)
-  state, extra = _final_state(tmp_path, config)
-  assert set(state) == set(ServerState._fields)
+  saved, extra = _final_state(tmp_path, config, key)
+  assert set(saved) == {"state", "selected"}  # the newest state and the one model selection keeps
+  state = saved["state"]
+  assert set(state) == set(ServerState._fields) == set(saved["selected"])
   coords = np.asarray(key.coords, np.float32)
-  for leaf in jax.tree_util.tree_leaves(state):
+  for leaf in jax.tree_util.tree_leaves(saved):
     leaf = np.asarray(leaf)
     assert leaf.shape != coords.shape
     if leaf.dtype == np.float32 and leaf.size:

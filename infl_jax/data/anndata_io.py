@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from infl_jax.data.errors import DataError, preview
+from infl_jax.data.errors import BUILTIN_NAMES, DataError, did_you_mean, preview
 
 if TYPE_CHECKING:
   import anndata
@@ -68,7 +68,8 @@ def read_h5ad(path) -> "anndata.AnnData":
     if path.parent.is_dir():
       near = sorted(p.name for p in path.parent.glob("*.h5ad"))[:10]
       hint = f"; .h5ad files in {path.parent}: {', '.join(near)}" if near else f"; {path.parent} holds no .h5ad file"
-    raise DataError(f"data file not found: {path}{hint}. Check the path, or pass a built-in name ('proteomics', 'pbmc')")
+    raise DataError(f"data file not found: {path}{hint}. Check the path, or pass a built-in name as --dataset:"
+                    f" {', '.join(BUILTIN_NAMES)}")
   if path.is_dir():
     raise DataError(f"{path} is a folder; pass the .h5ad file inside it")
   suffix = path.suffix.lower()
@@ -101,12 +102,19 @@ def as_anndata(source) -> "anndata.AnnData":
       " arrays use make_federated_split(x, y, ...)")
 
 
+# The obs columns infl-train takes as flags; the other purposes are set from Python only.
+_OBS_FLAGS = {"label": "--label-key", "client": "--client-key"}
+
+
 def obs_column(adata, key: str, purpose: str) -> np.ndarray:
-  """``adata.obs[key]`` as an object array, or an error that lists the available columns."""
-  if key not in adata.obs.columns:
+  """``adata.obs[key]`` as an object array, or an error that suggests near misses and lists the columns."""
+  columns = list(adata.obs.columns)
+  if key not in columns:
+    python = f"{purpose.replace(' ', '_')}_key="
+    how = f"{_OBS_FLAGS[purpose]} ({python} in Python)" if purpose in _OBS_FLAGS else python
     raise DataError(
-        f"{purpose} column {key!r} not found in adata.obs; available obs columns: "
-        f"{preview(list(adata.obs.columns), 30) or '(none)'}. Pass one of them as {purpose}_key=")
+        f"{purpose} column {key!r} not found in adata.obs{did_you_mean(key, columns)}; available obs columns: "
+        f"{preview(columns, 30) or '(none)'}. Pass one of them as {how}")
   return adata.obs[key].to_numpy(dtype=object)
 
 
@@ -128,7 +136,7 @@ def encode_labels(adata, label_key: str, *, drop_unlabelled: bool = False
   if missing.any() and not drop_unlabelled:
     raise DataError(
         f"label column {label_key!r} is missing for {int(missing.sum())} of {len(values)} samples; pass"
-        " drop_unlabelled=True to leave them out, or fill them in adata.obs first")
+        " --drop-unlabelled (drop_unlabelled=True in Python) to leave them out, or fill them in adata.obs first")
   keep = ~missing
   values = values[keep]
   if values.size == 0:
@@ -140,7 +148,7 @@ def encode_labels(adata, label_key: str, *, drop_unlabelled: bool = False
     if not np.all(as_float == np.round(as_float)) or len(np.unique(as_float)) > max(50, len(as_float) // 2):
       raise DataError(
           f"label column {label_key!r} holds continuous values ({len(np.unique(as_float))} distinct); this"
-          " loader is for classification: bin them (pandas.cut) or pick a categorical column")
+          " loader is for classification: bin them (pandas.cut) or pick a categorical column as --label-key")
     values = as_float.astype(np.int64)
   if isinstance(series.dtype, pd.CategoricalDtype):
     present = set(values.tolist())
@@ -155,7 +163,7 @@ def encode_labels(adata, label_key: str, *, drop_unlabelled: bool = False
   if len(class_names) < 2:
     raise DataError(
         f"label column {label_key!r} has a single class ({class_names[0]!r}) among the kept samples; a"
-        " classifier needs at least 2: pick another label_key or include samples of other classes")
+        " classifier needs at least 2: pick another --label-key or include samples of other classes")
   return y, class_names, keep
 
 
@@ -169,17 +177,22 @@ def feature_matrix(adata, *, layer: str | None = None, use_raw: bool = False) ->
     x, names = adata.raw.X, adata.raw.var_names
   elif layer is not None:
     if layer not in adata.layers:
-      raise DataError(f"layer {layer!r} not found; available layers: {preview(list(adata.layers.keys())) or '(none)'}; or leave layer=None for .X")
+      layers = list(adata.layers.keys())
+      raise DataError(f"layer {layer!r} not found{did_you_mean(layer, layers)}; available layers:"
+                      f" {preview(layers) or '(none)'}; pass one of them as --layer (layer= in Python), or drop"
+                      " --layer to read X")
     x, names = adata.layers[layer], adata.var_names
   else:
     x, names = adata.X, adata.var_names
   if x is None:
-    raise DataError("the AnnData has no X matrix; pass layer= to use one of its layers")
+    raise DataError(f"the AnnData has no X matrix; pass --layer NAME (layer= in Python) to use one of its layers:"
+                    f" {preview(list(adata.layers.keys())) or '(none)'}")
   if hasattr(x, "toarray"):
     x = x.toarray()
   x = np.asarray(x)
   if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
-    raise DataError(f"the feature matrix has dtype {x.dtype}, not numbers; pass layer= with a numeric layer")
+    raise DataError(f"the feature matrix has dtype {x.dtype}, not numbers; pass --layer NAME (layer= in Python)"
+                    " with a numeric layer")
   names = [str(n) for n in names]
   if len(set(names)) != len(names):
     dup = sorted({n for n in names if names.count(n) > 1}) if len(names) < 50_000 else ["..."]

@@ -1,10 +1,16 @@
-"""The one error type the data layer raises for bad input."""
+"""The one error type the data layer raises for bad input, and helpers its messages share."""
 
 from __future__ import annotations
 
+import difflib
+
 from runkit.errors import UserInputError
 
-__all__ = ["DataError"]
+__all__ = ["BUILTIN_NAMES", "DataError", "did_you_mean", "preview"]
+
+# Every built-in name ``infl-train --dataset`` takes: builtin.py's classification sets, then the ones of
+# multiomics.py, spatial.py and perturbation.py. Here, below all of them, so any module's message can list them.
+BUILTIN_NAMES = ("proteomics", "pbmc", "pbmc_sites", "pbmc_panels", "nutrimouse", "spatial", "perturbation_sim")
 
 
 class DataError(UserInputError):
@@ -19,3 +25,9 @@ def preview(names, limit: int = 10) -> str:
   names = [str(n) for n in names]
   head = ", ".join(names[:limit])
   return head + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def did_you_mean(name: str, choices) -> str:
+  """`` (did you mean 'x'?)`` naming the closest of ``choices`` to a mistyped ``name``, else ""."""
+  close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=2)
+  return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""

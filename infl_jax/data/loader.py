@@ -4,7 +4,6 @@ of per-site inputs, to a preprocessed ``FederatedSplit``."""
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import pathlib
 from typing import Sequence
@@ -12,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from infl_jax.data import anndata_io, builtin
-from infl_jax.data.errors import DataError, preview
+from infl_jax.data.errors import BUILTIN_NAMES, DataError, did_you_mean, preview
 from infl_jax.data.preprocess import Preprocessor
 from infl_jax.data.split import PARTITIONS, FederatedSplit, make_federated_split
 
@@ -27,6 +26,7 @@ def load_dataset(
     n_clients: int | None = None,
     partition: str | None = None,
     alpha: float | None = None,
+    classes_per_client: int = 2,
     val_fraction: float = 0.15,
     test_fraction: float = 0.2,
     seed: int = 0,
@@ -41,20 +41,19 @@ def load_dataset(
     drop_unlabelled: bool = False,
     join: str = "exact",
     site_names: Sequence[str] | None = None,
+    default_n_clients: int | None = None,
 ) -> FederatedSplit:
   """Loads omics data for federated classification.
 
   Args:
-    source: a built-in name (``"proteomics"``, ``"pbmc"``), a path to an .h5ad file, an
-      AnnData object, or a list of those, one per site (clients = sites by default; the
-      panels must match unless ``join="inner"``).
+    source: a built-in name (``"proteomics"``, ``"pbmc"``), a path to an .h5ad file, an AnnData object, or a
+      list of those, one per site (clients = sites by default; panels must match unless ``join="inner"``).
     label_key: obs column with the class label (built-ins have a default).
-    client_key: obs column whose values are the clients (site, plate, patient). Giving it
-      selects ``partition="column"``.
+    client_key: obs column whose values are the clients (site, plate, patient); selects ``partition="column"``.
     n_clients: number of clients. With ``partition="column"``, None means one per
       distinct value and a larger number splits the biggest groups (stratified, seeded).
-    partition: ``"column"``, ``"iid"`` or ``"dirichlet"`` (label skew, ``alpha``).
-      Default: the built-in's, else ``"column"`` with a ``client_key``, else ``"iid"``.
+    partition: ``"column"``, ``"iid"``, ``"dirichlet"`` (``alpha``) or ``"label-skew"`` (``classes_per_client``
+      classes per client). Default: the built-in's, else ``"column"`` with a ``client_key``, else ``"iid"``.
     val_fraction, test_fraction: held-out shares, stratified by label, drawn before the
       client partition so central and federated training use the same training samples.
     seed: one seed for the held-out split and the partition (independent streams).
@@ -71,11 +70,13 @@ def load_dataset(
       that measured them, i.e. 0 after standardisation; ``config["feature_present"]`` holds
       each client's mask).
     site_names: names of the sites in a list ``source`` (default: file stems).
+    default_n_clients: n_clients where a partition needs one and neither caller nor built-in gives it (infl-train: 5).
   """
   adata, spec, default_client_key, origin = _resolve_source(
       source, join=join, site_names=site_names, layer=layer, use_raw=use_raw)
   options = _settle_options(adata, spec, default_client_key, origin, label_key=label_key, client_key=client_key,
-                            n_clients=n_clients, partition=partition, alpha=alpha, log_transform=log_transform)
+                            n_clients=n_clients, partition=partition, alpha=alpha, log_transform=log_transform,
+                            default_n_clients=default_n_clients)
   union_info = _union_feature_join(adata)
   if union_info is not None and impute is None:
     # Features a site did not measure are NaN: fill them with the training mean of the sites
@@ -88,7 +89,8 @@ def load_dataset(
   name = spec.name if spec is not None else origin
   split = make_federated_split(
       samples.x, samples.y, partition=options.partition, n_clients=options.n_clients, groups=samples.groups,
-      alpha=options.alpha, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+      alpha=options.alpha, classes_per_client=classes_per_client, val_fraction=val_fraction,
+      test_fraction=test_fraction, seed=seed,
       preprocessor=Preprocessor(log_transform=options.log_transform, impute=impute, n_top_features=n_top_features,
                                 standardize=standardize),
       min_client_size=min_client_size, feature_names=samples.feature_names, class_names=samples.class_names,
@@ -103,16 +105,16 @@ def _resolve_source(source, *, join: str, site_names, layer, use_raw):
   if isinstance(source, str) and source in builtin.BUILTIN_DATASETS:
     spec = builtin.get_builtin(source)
     if layer is not None or use_raw:
-      raise DataError(f"built-in {source!r} fixes its own matrix; drop layer=/use_raw= (or load_builtin_anndata and pass the AnnData)")
+      raise DataError(f"built-in {source!r} fixes its own matrix; drop --layer (layer=/use_raw= in Python; or"
+                      " load_builtin_anndata and pass the AnnData)")
     return builtin.load_builtin_anndata(source), spec, spec.client_key, source
   if isinstance(source, (list, tuple)):
     adata = anndata_io.load_sites(source, site_names=site_names, join=join, layer=layer, use_raw=use_raw)
     return adata, None, "site", f"{len(source)} sites"
   if isinstance(source, str) and not pathlib.Path(source).suffix and not os.path.exists(source):
-    close = difflib.get_close_matches(source, builtin.available_datasets(), n=1)
     raise DataError(
-        f"unknown dataset {source!r}{f' (did you mean {close[0]!r}?)' if close else ''}; built-in data sets:"
-        f" {', '.join(builtin.available_datasets())}; or pass a path to an .h5ad file, or an AnnData object")
+        f"unknown dataset {source!r}{did_you_mean(source, BUILTIN_NAMES)}; built-in data sets (--dataset):"
+        f" {', '.join(BUILTIN_NAMES)}; or pass a path to an .h5ad file, or an AnnData object")
   adata = anndata_io.as_anndata(source)
   origin = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "AnnData"
   return adata, None, None, origin
@@ -144,11 +146,12 @@ class _LabelledSamples:
 
 
 def _settle_options(adata, spec, default_client_key, origin, *, label_key, client_key, n_clients, partition,
-                    alpha, log_transform) -> _LoadOptions:
+                    alpha, log_transform, default_n_clients) -> _LoadOptions:
   """Fills unset options from the built-in ``spec`` (or generic defaults) and rejects bad combinations."""
   label_key = _choose_label_key(label_key, adata, spec, origin)
   partition = _choose_partition(partition, client_key, spec, default_client_key)
-  client_key, n_clients = _choose_clients(partition, client_key, n_clients, adata, spec, default_client_key)
+  client_key, n_clients = _choose_clients(partition, client_key, n_clients, adata, spec, default_client_key,
+                                          default_n_clients)
   if alpha is None:
     alpha = spec.alpha if spec is not None else 0.5
   if log_transform is None:
@@ -163,8 +166,8 @@ def _choose_label_key(label_key, adata, spec, origin) -> str:
     return label_key
   if spec is None:
     raise DataError(
-        f"label_key is required for {origin}: pass the obs column holding the class, one of "
-        f"{preview(list(adata.obs.columns), 30) or '(no obs columns)'}")
+        f"a label column is required for {origin}: pass --label-key COLUMN (label_key is required in Python),"
+        f" the obs column holding the class, one of {preview(list(adata.obs.columns), 30) or '(no obs columns)'}")
   return spec.label_key
 
 
@@ -178,25 +181,29 @@ def _choose_partition(partition, client_key, spec, default_client_key) -> str:
     else:
       partition = "column" if default_client_key else "iid"
   if partition not in PARTITIONS:
-    raise DataError(f"unknown partition {partition!r}; choose one of {', '.join(PARTITIONS)}")
+    raise DataError(f"unknown partition {partition!r}; choose --partition from {', '.join(PARTITIONS)}")
   return partition
 
 
-def _choose_clients(partition, client_key, n_clients, adata, spec, default_client_key):
+def _choose_clients(partition, client_key, n_clients, adata, spec, default_client_key, default_n_clients):
   """(client_key, n_clients): the obs column naming clients for "column", else how many to draw."""
   if partition == "column":
     client_key = client_key or default_client_key
     if client_key is None:
       raise DataError(
-          "partition='column' needs client_key=<obs column with the site/plate/patient>; available obs"
-          f" columns: {preview(list(adata.obs.columns), 30)}; or use partition='iid'/'dirichlet' with n_clients")
+          "--partition column needs --client-key COLUMN (client_key= in Python), the obs column with the"
+          f" site/plate/patient; available obs columns: {preview(list(adata.obs.columns), 30)}; or use"
+          f" --partition {'/'.join(p for p in PARTITIONS if p != 'column')} with --n-clients")
   elif client_key is not None:
-    raise DataError(f"client_key is only used with partition='column', not {partition!r}; drop one of them")
+    raise DataError(f"--client-key is only used with --partition column, not {partition!r}; drop one of them"
+                    " (client_key=/partition= in Python)")
   # The built-in's client count only fits its own partition.
   if n_clients is None and spec is not None and partition == spec.partition:
     n_clients = spec.n_clients
   if partition != "column" and n_clients is None:
-    raise DataError(f"partition={partition!r} needs n_clients (e.g. n_clients=5)")
+    n_clients = default_n_clients
+  if partition != "column" and n_clients is None:
+    raise DataError(f"--partition {partition} needs n_clients: pass --n-clients N (n_clients=N in Python)")
   return client_key, n_clients
 
 
@@ -232,7 +239,8 @@ def _drop_rare_classes(samples: _LabelledSamples, min_class_count: int | None) -
   note = f"classes with < {min_class_count} samples dropped: {preview([samples.class_names[c] for c in rare])}"
   kept_classes = np.flatnonzero(counts >= min_class_count)
   if kept_classes.size < 2:
-    raise DataError(f"min_class_count={min_class_count} leaves {kept_classes.size} class(es); lower it")
+    raise DataError(f"--min-class-count {min_class_count} leaves {kept_classes.size} class(es); lower it"
+                    " (min_class_count= in Python)")
   rows = np.isin(samples.y, kept_classes)
   remap = np.full(len(samples.class_names), -1, np.int32)
   remap[kept_classes] = np.arange(kept_classes.size, dtype=np.int32)

@@ -18,6 +18,7 @@ __all__ = [
     "partition_by_column",
     "partition_dirichlet",
     "partition_iid",
+    "partition_label_skew",
     "stratified_holdout",
 ]
 
@@ -41,11 +42,12 @@ def _check_labels(y) -> np.ndarray:
 
 def _check_n_clients(n_clients, n_samples: int, what: str = "samples") -> int:
   if not isinstance(n_clients, (int, np.integer)) or n_clients < 1:
-    raise DataError(f"n_clients must be a positive integer, got {n_clients!r}")
+    raise DataError(f"--n-clients must be a positive integer, got {n_clients!r}")
   if n_clients > n_samples:
     raise DataError(
-        f"n_clients={n_clients} is more than the {n_samples} training {what}, so some client would"
-        " get no data; lower n_clients or lower val_fraction/test_fraction")
+        f"--n-clients {n_clients} is more than the {n_samples} training {what}, so some client would"
+        " get no data; lower --n-clients or --val-fraction/--test-fraction (n_clients=, val_fraction=,"
+        " test_fraction= in Python)")
   return int(n_clients)
 
 
@@ -57,12 +59,12 @@ def stratified_holdout(y, val_fraction: float, test_fraction: float, rng=None,
   that fraction is positive, and at least one stays in train. Indices come back sorted.
   """
   y = _check_labels(y)
-  for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+  for name, frac in (("val", val_fraction), ("test", test_fraction)):
     if not 0.0 <= frac < 1.0:
-      raise DataError(f"{name} must be in [0, 1), got {frac}")
+      raise DataError(f"--{name}-fraction ({name}_fraction= in Python) must be in [0, 1), got {frac}")
   if val_fraction + test_fraction >= 1.0:
     raise DataError(
-        f"val_fraction + test_fraction = {val_fraction + test_fraction:.3g} leaves no training data;"
+        f"--val-fraction + --test-fraction = {val_fraction + test_fraction:.3g} leaves no training data;"
         " keep their sum below 1 (e.g. 0.15 and 0.2)")
   rng = as_rng(rng)
   need = 1 + (val_fraction > 0) + (test_fraction > 0)
@@ -74,8 +76,8 @@ def stratified_holdout(y, val_fraction: float, test_fraction: float, rng=None,
     raise DataError(
         f"too few samples to stratify: every class needs at least {need} samples (one each for"
         f" train{', val' if val_fraction > 0 else ''}{', test' if test_fraction > 0 else ''}),"
-        f" but these have fewer: {listed}. Fix: drop rare classes (min_class_count={need} in"
-        " load_dataset), merge them into a broader label, or set val_fraction=0")
+        f" but these have fewer: {listed}. Fix: drop rare classes with --min-class-count {need}"
+        f" (min_class_count={need} in Python), merge them into a broader label, or lower --val-fraction")
   train, val, test = [], [], []
   for c, n in zip(classes, counts):
     idx = rng.permutation(np.flatnonzero(y == c))
@@ -118,13 +120,13 @@ def partition_dirichlet(y, n_clients: int, alpha: float = 0.5, rng=None, *, min_
   n = len(y)
   n_clients = _check_n_clients(n_clients, n)
   if not alpha > 0 or not np.isfinite(alpha):
-    raise DataError(f"Dirichlet alpha must be a positive number (0.1 = strong skew, 100 = near IID), got {alpha}")
+    raise DataError(f"Dirichlet --alpha must be a positive number (0.1 = strong skew, 100 = near IID), got {alpha}")
   if min_size < 0:
     raise DataError(f"min_size must be >= 0, got {min_size}")
   if n_clients * min_size > n:
     raise DataError(
         f"{n_clients} clients x min_size {min_size} = {n_clients * min_size} samples needed, but only {n}"
-        " training samples; lower n_clients or min_size")
+        " training samples; lower n_clients (--n-clients) or min_size (min_client_size= in Python)")
   rng = as_rng(rng)
   class_indices = [np.flatnonzero(y == c) for c in np.unique(y)]
   sizes = None
@@ -142,7 +144,66 @@ def partition_dirichlet(y, n_clients: int, alpha: float = 0.5, rng=None, *, min_
   worst = int(np.argmin(sizes))
   raise DataError(
       f"Dirichlet label skew (alpha={alpha}) left client {worst} with {sizes[worst]} samples (< min_size"
-      f" {min_size}) in all {max_tries} draws; raise alpha, lower n_clients, or lower min_size")
+      f" {min_size}) in all {max_tries} draws; raise alpha (--alpha), lower --n-clients, or lower min_size"
+      " (min_client_size= in Python)")
+
+
+def _label_skew_holders(counts: np.ndarray, n_clients: int, k: int, rng: np.random.Generator) -> list[list[int]]:
+  """Per class, the clients holding it: ``n_clients * k`` slots dealt cyclically over the classes.
+
+  Cycling through one class order makes any k consecutive slots (one client's) distinct classes and
+  gives every class floor or ceil of slots / classes holders; the extra holders go to the largest
+  classes, whose samples stretch furthest.
+  """
+  n_classes = len(counts)
+  extra = (n_clients * k) % n_classes
+  by_size = np.argsort(-(counts + rng.random(n_classes)), kind="stable")  # random tie-break
+  order = np.concatenate([rng.permutation(by_size[:extra]), rng.permutation(by_size[extra:])])
+  holders: list[list[int]] = [[] for _ in range(n_classes)]
+  for slot in range(n_clients * k):
+    holders[order[slot % n_classes]].append(slot // k)
+  return holders
+
+
+def partition_label_skew(y, n_clients: int, classes_per_client: int = 2, rng=None) -> np.ndarray:
+  """Client id per sample with hard label skew: each client holds exactly ``classes_per_client`` classes.
+
+  Classes are spread as evenly as possible (every class goes to at least one client) and each class's
+  samples are split into near-equal shares between the clients holding it. A class with fewer
+  samples than holders is dropped from the clients that hold other classes too (they keep fewer).
+  """
+  y = _check_labels(y)
+  n_clients = _check_n_clients(n_clients, len(y))
+  k = classes_per_client
+  classes, counts = np.unique(y, return_counts=True)
+  if not isinstance(k, (int, np.integer)) or k < 1:
+    raise DataError(f"--classes-per-client must be a positive integer, got {k!r}")
+  if k > len(classes):
+    raise DataError(
+        f"--classes-per-client {k} is more than the {len(classes)} classes in the training data; pass"
+        f" --classes-per-client {len(classes)} or less (classes_per_client= in Python)")
+  if n_clients * k < len(classes):
+    raise DataError(
+        f"{n_clients} clients x {k} class{'es' if k > 1 else ''} each cover only {n_clients * k} of the {len(classes)} classes, so"
+        f" some class would be dropped; pass --classes-per-client {-(-len(classes) // n_clients)} or"
+        f" --n-clients {-(-len(classes) // k)} (classes_per_client=/n_clients= in Python)")
+  rng = as_rng(rng)
+  holders = _label_skew_holders(counts, n_clients, int(k), rng)
+  held = np.bincount(np.concatenate(holders), minlength=n_clients)
+  for c, n_c in enumerate(counts):
+    while len(holders[c]) > n_c:
+      spare = [h for h in holders[c] if held[h] > 1]
+      if not spare:
+        raise DataError(
+            f"class {classes[c]} has {n_c} training samples, too few to share between the clients that"
+            " must hold it; lower --n-clients or raise --classes-per-client")
+      holders[c].remove(spare[-1])
+      held[spare[-1]] -= 1
+  client = np.empty(len(y), np.int32)
+  for c, label in enumerate(classes):
+    for h, part in zip(holders[c], np.array_split(rng.permutation(np.flatnonzero(y == label)), len(holders[c]))):
+      client[part] = h
+  return client
 
 
 def partition_by_column(values, n_clients: int | None = None, rng=None, *, y=None
@@ -166,11 +227,12 @@ def partition_by_column(values, n_clients: int | None = None, rng=None, *, y=Non
   if n_clients is None:
     return group_of.astype(np.int32), [str(g) for g in groups]
   if not isinstance(n_clients, (int, np.integer)) or n_clients < 1:
-    raise DataError(f"n_clients must be a positive integer or None, got {n_clients!r}")
+    raise DataError(f"--n-clients must be a positive integer or None, got {n_clients!r}")
   if n_clients < len(groups):
     raise DataError(
-        f"n_clients={n_clients} is fewer than the {len(groups)} groups in the client column"
-        f" ({preview(groups)}); pass n_clients=None for one client per group, or at least {len(groups)}")
+        f"--n-clients {n_clients} is fewer than the {len(groups)} groups in the client column"
+        f" ({preview(groups)}); drop --n-clients for one client per group (n_clients=None in Python), or pass"
+        f" at least {len(groups)}")
   per_group = np.ones(len(groups), int)
   for _ in range(n_clients - len(groups)):
     per_group[np.argmax(group_sizes / per_group)] += 1
@@ -178,8 +240,8 @@ def partition_by_column(values, n_clients: int | None = None, rng=None, *, y=Non
   if too_many.size:
     g = too_many[0]
     raise DataError(
-        f"n_clients={n_clients} would split group {str(groups[g])!r} ({group_sizes[g]} training samples) into"
-        f" {per_group[g]} clients, leaving one empty; lower n_clients")
+        f"--n-clients {n_clients} would split group {str(groups[g])!r} ({group_sizes[g]} training samples) into"
+        f" {per_group[g]} clients, leaving one empty; lower --n-clients")
   rng = as_rng(rng)
   client = np.empty(len(values), np.int32)
   names: list[str] = []

@@ -44,8 +44,8 @@ def check_finite(x, feature_names: Sequence[str] | None = None, *, allow_nan: bo
   names = [feature_names[c] for c in cols] if feature_names is not None else [f"#{c}" for c in cols]
   kinds = " and ".join(k for k, m in (("NaN", bad_nan), ("inf", bad_inf)) if m.any())
   fix = ("replace the infinite values (e.g. clip, or set them to NaN and impute)" if bad_inf.any() else
-         "impute them: pass impute='median' to fill each feature with its training-split median,"
-         " or impute beforehand (e.g. KNN imputation), or drop those features")
+         "impute them: pass --impute median (impute='median' in Python) to fill each feature with its"
+         " training-split median, or impute beforehand (e.g. KNN imputation), or drop those features")
   raise DataError(
       f"{what} holds {int(bad.sum())} {kinds} values in {len(cols)} of {x.shape[1]} features"
       f" ({preview(names)}) across {int(bad.any(axis=1).sum())} samples; fix: {fix}")
@@ -54,7 +54,7 @@ def check_finite(x, feature_names: Sequence[str] | None = None, *, allow_nan: bo
 def apply_log_transform(x: np.ndarray, kind: str) -> np.ndarray:
   """``log1p`` for counts or normalised expression, ``log2`` for positive intensities (RFU, LFQ)."""
   if kind not in LOG_TRANSFORMS:
-    raise DataError(f"unknown log_transform {kind!r}; choose one of {', '.join(LOG_TRANSFORMS)}")
+    raise DataError(f"unknown log transform {kind!r}; choose --log-transform from {', '.join(LOG_TRANSFORMS)}")
   if kind == "none":
     return x
   with np.errstate(invalid="ignore"):
@@ -62,8 +62,9 @@ def apply_log_transform(x: np.ndarray, kind: str) -> np.ndarray:
   if bad.any():
     domain = "positive" if kind == "log2" else "greater than -1"
     raise DataError(
-        f"log_transform={kind!r} needs {domain} values, but {int(bad.sum())} values are not (min"
-        f" {np.nanmin(x):.4g}); is the data already log-transformed? then pass log_transform='none'")
+        f"--log-transform {kind} needs {domain} values, but {int(bad.sum())} values are not (min"
+        f" {np.nanmin(x):.4g}); is the data already log-transformed? then pass --log-transform none"
+        " (log_transform='none' in Python)")
   return np.log2(x) if kind == "log2" else np.log1p(x)
 
 
@@ -127,12 +128,14 @@ class Preprocessor:
 
   def __post_init__(self):
     if self.log_transform not in LOG_TRANSFORMS:
-      raise DataError(f"unknown log_transform {self.log_transform!r}; choose one of {', '.join(LOG_TRANSFORMS)}")
+      raise DataError(f"unknown log transform {self.log_transform!r}; choose --log-transform from"
+                      f" {', '.join(LOG_TRANSFORMS)}")
     if self.impute not in IMPUTE_STRATEGIES:
-      raise DataError(f"unknown impute {self.impute!r}; choose None, 'median' or 'mean'")
+      raise DataError(f"unknown impute {self.impute!r}; choose --impute median or mean (None, 'median' or 'mean'"
+                      " in Python)")
     if self.n_top_features is not None and (not isinstance(self.n_top_features, (int, np.integer))
                                             or self.n_top_features < 1):
-      raise DataError(f"n_top_features must be a positive integer or None, got {self.n_top_features!r}")
+      raise DataError(f"--n-top-features must be a positive integer or None, got {self.n_top_features!r}")
 
   @property
   def fitted(self) -> bool:

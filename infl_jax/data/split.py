@@ -4,8 +4,8 @@ Order of operations (``make_federated_split``), chosen so central and federated 
 exactly the same training samples:
 
 1. hold out test and validation samples, stratified by label (seeded);
-2. partition the remaining training samples over clients (by a column, IID, or Dirichlet
-   label skew), with its own seed stream, so changing the partition never moves a sample
+2. partition the remaining training samples over clients (by a column, IID, Dirichlet label skew,
+   or K classes per client), with its own seed stream, so changing the partition never moves a sample
    between train and held-out;
 3. fit preprocessing on the pooled training samples only and apply it to all three splits.
 """
@@ -23,7 +23,7 @@ from infl_jax.data.preprocess import Preprocessor, check_finite
 
 __all__ = ["PARTITIONS", "FederatedSplit", "make_federated_split"]
 
-PARTITIONS = ("column", "iid", "dirichlet")
+PARTITIONS = ("column", "iid", "dirichlet", "label-skew")
 
 
 @dataclasses.dataclass
@@ -114,6 +114,7 @@ def make_federated_split(
     n_clients: int | None = None,
     groups: Sequence | None = None,
     alpha: float = 0.5,
+    classes_per_client: int = 2,
     val_fraction: float = 0.15,
     test_fraction: float = 0.2,
     seed: int = 0,
@@ -126,12 +127,13 @@ def make_federated_split(
 ) -> FederatedSplit:
   """Builds a ``FederatedSplit`` from plain arrays: x [N, F] numeric, y [N] class ids 0..C-1.
 
-  ``groups`` (per-sample site/plate/patient values) is required for ``partition="column"``.
+  ``groups`` (per-sample site/plate/patient values) is required for ``partition="column"``;
+  ``alpha`` is used by ``"dirichlet"``, ``classes_per_client`` by ``"label-skew"``.
   ``preprocessor`` is an unfitted ``Preprocessor`` (default: standardise only); it is
   fitted here on the training rows.
   """
   if partition not in PARTITIONS:
-    raise DataError(f"unknown partition {partition!r}; choose one of {', '.join(PARTITIONS)}")
+    raise DataError(f"unknown partition {partition!r}; choose --partition from {', '.join(PARTITIONS)}")
   x, y, feature_names, class_names = _checked_arrays(x, y, feature_names, class_names)
   n, f = x.shape
   sample_ids = np.asarray(sample_ids, dtype=str) if sample_ids is not None else np.array([str(i) for i in range(n)])
@@ -144,7 +146,7 @@ def make_federated_split(
       y, val_fraction, test_fraction, np.random.default_rng(holdout_seed), class_names=class_names)
   client, client_names = _partition_training_rows(
       partition, y[train], train, groups, n_samples=n, n_clients=n_clients, alpha=alpha,
-      min_client_size=min_client_size, rng=np.random.default_rng(partition_seed))
+      classes_per_client=classes_per_client, min_client_size=min_client_size, rng=np.random.default_rng(partition_seed))
   sizes = _nonempty_client_sizes(client, client_names)
 
   # Group the training rows by client (client 0's first), as FederatedSplit promises.
@@ -152,8 +154,9 @@ def make_federated_split(
   train, client = train[order], client[order]
   train_x, val_x, test_x = _fit_on_train_and_transform(preprocessor, x, feature_names, train, val, test)
   kept_names = preprocessor.selected_names(feature_names)
+  detail = {"dirichlet": f", alpha={alpha}", "label-skew": f", {classes_per_client} classes per client"}
   auto = (f"{n} samples x {f} features, {len(class_names)} classes; train {len(train)} over {len(client_names)}"
-          f" clients ({partition}{f', alpha={alpha}' if partition == 'dirichlet' else ''}; sizes"
+          f" clients ({partition}{detail.get(partition, '')}; sizes"
           f" {', '.join(map(str, sizes))}), val {len(val)}, test {len(test)}; seed {seed}; preprocessing:"
           f" {preprocessor.describe()}; {len(kept_names)} features kept")
   return FederatedSplit(
@@ -164,6 +167,7 @@ def make_federated_split(
       preprocessing=preprocessor, description=f"{description}: {auto}" if description else auto,
       train_ids=sample_ids[train], val_ids=sample_ids[val], test_ids=sample_ids[test],
       config={"partition": partition, "n_clients": len(client_names), "alpha": alpha,
+              "classes_per_client": classes_per_client if partition == "label-skew" else None,
               "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed,
               "min_client_size": min_client_size})
 
@@ -199,15 +203,17 @@ def _unfitted_preprocessor(preprocessor: Preprocessor | None) -> Preprocessor:
   return preprocessor
 
 
-def _partition_training_rows(partition, train_y, train, groups, *, n_samples, n_clients, alpha, min_client_size,
-                             rng) -> tuple[np.ndarray, list[str]]:
+def _partition_training_rows(partition, train_y, train, groups, *, n_samples, n_clients, alpha, classes_per_client,
+                             min_client_size, rng) -> tuple[np.ndarray, list[str]]:
   """(client id per training row, client names) for the chosen partition."""
   if partition == "column":
     return _partition_by_groups(groups, train, train_y, n_samples=n_samples, n_clients=n_clients, rng=rng)
   if n_clients is None:
-    raise DataError(f"partition={partition!r} needs n_clients (e.g. n_clients=5)")
+    raise DataError(f"--partition {partition} needs n_clients: pass --n-clients N (n_clients=N in Python)")
   if partition == "iid":
     client = partition_lib.partition_iid(train_y, n_clients, rng)
+  elif partition == "label-skew":
+    client = partition_lib.partition_label_skew(train_y, n_clients, classes_per_client, rng)
   else:
     client = partition_lib.partition_dirichlet(train_y, n_clients, alpha, rng, min_size=min_client_size)
   return client, [f"client{k}" for k in range(int(n_clients))]
@@ -216,7 +222,9 @@ def _partition_training_rows(partition, train_y, train, groups, *, n_samples, n_
 def _partition_by_groups(groups, train, train_y, *, n_samples, n_clients, rng) -> tuple[np.ndarray, list[str]]:
   """Clients from per-sample group values (site/plate/patient); every group must keep training rows."""
   if groups is None:
-    raise DataError("partition='column' needs the per-sample group values (client_key=<obs column>)")
+    # Only reachable from Python: load_dataset always passes the --client-key column's values.
+    raise DataError("partition 'column' needs the per-sample group values: pass groups= (one site/plate/patient"
+                    " value per sample)")
   groups = np.asarray(groups, dtype=object)
   if len(groups) != n_samples:
     raise DataError(f"groups has {len(groups)} values for {n_samples} samples")
@@ -224,8 +232,8 @@ def _partition_by_groups(groups, train, train_y, *, n_samples, n_clients, rng) -
   lost = sorted(set(map(str, groups)) - set(map(str, train_groups)))
   if lost:
     raise DataError(
-        f"client group(s) {preview([repr(g) for g in lost])} have no training samples after holding out val/test (too few"
-        " samples); merge or drop those groups, or lower val_fraction/test_fraction")
+        f"client group(s) {preview([repr(g) for g in lost])} have no training samples after holding out"
+        " val/test (too few samples); merge or drop those groups, or lower --val-fraction/--test-fraction")
   return partition_lib.partition_by_column(train_groups, n_clients, rng, y=train_y)
 
 
@@ -234,7 +242,7 @@ def _nonempty_client_sizes(client: np.ndarray, client_names: Sequence[str]) -> n
   sizes = np.bincount(client, minlength=len(client_names))
   if (sizes == 0).any():
     empty = [client_names[k] for k in np.flatnonzero(sizes == 0)]
-    raise DataError(f"client(s) {preview(empty)} got no training samples; lower n_clients or change the partition")
+    raise DataError(f"client(s) {preview(empty)} got no training samples; lower --n-clients or change --partition")
   return sizes
 
 

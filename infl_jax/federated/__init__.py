@@ -14,10 +14,10 @@ loop (metrics, checkpoints, resume). Across devices, the same round takes ``shar
 from infl_jax.federated.aggregate import weighted_mean
 from infl_jax.federated.builder import algorithm_from_config, client_optimizer_from_config
 from infl_jax.federated.client_data import ClientData, stack_clients
-from infl_jax.federated.engine import (FederatedAlgorithm, RoundKeys, ServerState, fedavg, global_variables,
-                                      round_keys, server_optimizer)
+from infl_jax.federated.engine import (FederatedAlgorithm, RoundKeys, ServerState, cosine_round_schedule, fedavg,
+                                      global_variables, round_keys, server_optimizer)
 from infl_jax.federated.local import LocalConfig, client_update
-from infl_jax.federated.loop import RoundsResult, RunDir, run_rounds
+from infl_jax.federated.loop import RoundsResult, RunDir, TrainingDiverged, run_rounds
 from infl_jax.federated.sharding import CLIENT_AXIS, ShardedClientData, client_mesh, shard_clients
 from infl_jax.federated.task import Task
 
@@ -32,10 +32,12 @@ __all__ = [
     "ServerState",
     "ShardedClientData",
     "Task",
+    "TrainingDiverged",
     "algorithm_from_config",
     "client_optimizer_from_config",
     "client_mesh",
     "client_update",
+    "cosine_round_schedule",
     "fedavg",
     "global_variables",
     "round_keys",

@@ -7,7 +7,7 @@ from typing import Callable
 import optax
 
 from infl_jax.config import TrainConfig
-from infl_jax.federated.engine import FederatedAlgorithm, fedavg, server_optimizer
+from infl_jax.federated.engine import FederatedAlgorithm, cosine_round_schedule, fedavg, server_optimizer
 from infl_jax.federated.task import Task
 
 __all__ = ["algorithm_from_config", "client_optimizer_from_config"]
@@ -15,7 +15,8 @@ __all__ = ["algorithm_from_config", "client_optimizer_from_config"]
 
 def client_optimizer_from_config(config: TrainConfig) -> optax.GradientTransformation:
   # PyTorch-style Adam weight decay (L2 added to the gradient), as the reference trains.
-  return optax.chain(optax.add_decayed_weights(config.weight_decay), optax.adam(config.learning_rate))
+  return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                     optax.adam(config.learning_rate, eps=config.adam_eps))
 
 
 def algorithm_from_config(config: TrainConfig, task: Task, *, batch_size: int | None = None,
@@ -38,4 +39,5 @@ def algorithm_from_config(config: TrainConfig, task: Task, *, batch_size: int | 
       client_chunk_size=client_chunk_size,
       update_transform=update_transform,
       aggregate_noise=aggregate_noise,
+      client_lr_schedule=cosine_round_schedule(config.rounds) if config.lr_schedule == "cosine" else None,
   )

@@ -119,6 +119,20 @@ class _RoundSpec(NamedTuple):
   client_chunk_size: int | None
   update_transform: Callable | None
   aggregate_noise: Callable | None
+  client_lr_schedule: Callable | None
+
+
+def cosine_round_schedule(rounds: int, final_fraction: float = 0.0) -> Callable[[jax.Array], jax.Array]:
+  """The client step-size factor of round r (0-based): half a cosine from 1 in round 0 to ``final_fraction`` after
+  ``rounds`` rounds, constant from there (docs/design.md, "Federated protocol")."""
+  if rounds < 1:
+    raise ValueError(f"rounds must be >= 1, got {rounds}")
+
+  def factor(r):
+    progress = jnp.clip(r.astype(jnp.float32) / rounds, 0.0, 1.0)
+    return final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+
+  return factor
 
 
 def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
@@ -128,8 +142,13 @@ def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
            client_chunk_size: int | None = None,
            update_transform: Callable[[PyTree, jax.Array, Any], PyTree] | None = None,
            aggregate_noise: Callable[[PyTree, jax.Array, jax.Array, Any], PyTree] | None = None,
+           client_lr_schedule: Callable[[jax.Array], jax.Array] | None = None,
            ) -> FederatedAlgorithm:
   """FedAvg and its relatives (FedProx via ``prox_mu``, FedAdam/FedYogi via ``server_opt``).
+
+  ``client_lr_schedule(round)``: a factor on every client optimizer step of that round (0-based), e.g.
+  ``cosine_round_schedule(rounds)``; it scales the optimizer's output, which for Adam and SGD is
+  exactly a scaled learning rate. A fresh client optimizer state each round cannot anneal on its own.
 
   ``update_transform`` and ``aggregate_noise``: optional hooks (see the module docstring); they
   receive the round's ``context`` too, so a setting such as a noise level can change between
@@ -145,7 +164,8 @@ def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
                     local=LocalConfig(local_epochs=local_epochs, batch_size=batch_size, prox_mu=prox_mu),
                     client_fraction=client_fraction, weighting=weighting,
                     server_opt=server_opt or server_optimizer("fedavg"), client_chunk_size=client_chunk_size,
-                    update_transform=update_transform, aggregate_noise=aggregate_noise)
+                    update_transform=update_transform, aggregate_noise=aggregate_noise,
+                    client_lr_schedule=client_lr_schedule)
   update_sums = functools.partial(_update_sums, spec)
 
   def init(variables: PyTree, rng: jax.Array, *, key_version: int = 1) -> ServerState:
@@ -195,11 +215,13 @@ def _update_sums(spec: _RoundSpec, clients: ClientData, rows: jax.Array, ids: ja
   accepted = valid & (clients.key_version[rows] == state.key_version)
   weights = jnp.where(accepted, base, 0.0)
 
+  lr_factor = 1.0 if spec.client_lr_schedule is None else spec.client_lr_schedule(state.round)
+
   def train_one(row, client_id):
     data = jax.tree_util.tree_map(lambda x: x[row], clients.data)
     client_rng = jax.random.fold_in(keys.train, client_id)
     return client_update(spec.task, spec.client_optimizer, spec.local, state.params, state.model_state, data,
-                         clients.num_samples[row], client_rng, context)
+                         clients.num_samples[row], client_rng, context, lr_factor=lr_factor)
 
   def train_chunk(sums, chunk_xs):
     chunk_rows, chunk_ids, w = chunk_xs

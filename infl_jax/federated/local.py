@@ -57,8 +57,11 @@ def _prox_term(params, anchor, mu: float):
 
 def client_update(task: Task, optimizer: optax.GradientTransformation, config: LocalConfig,
                   params: PyTree, model_state: PyTree, data: PyTree, num_samples: jax.Array,
-                  rng: jax.Array, context: Any):
-  """Trains from the global ``params`` on one client's ``data``; returns (params, model_state, mean loss)."""
+                  rng: jax.Array, context: Any, lr_factor: jax.Array | float = 1.0):
+  """Trains from the global ``params`` on one client's ``data``; returns (params, model_state, mean loss).
+
+  ``lr_factor`` scales every optimizer step (a round's learning-rate schedule).
+  """
   max_samples = jax.tree_util.tree_leaves(data)[0].shape[0]
   batch_size = min(config.batch_size, max_samples)
   steps_per_epoch = math.ceil(max_samples / batch_size)
@@ -91,6 +94,7 @@ def client_update(task: Task, optimizer: optax.GradientTransformation, config: L
     batch = jax.tree_util.tree_map(lambda x: x[rows], data)
     (loss, new_state), grads = jax.value_and_grad(objective, has_aux=True)(p, state, batch, mask, step_rng)
     updates, new_opt_state = optimizer.update(grads, opt_state, p)
+    updates = jax.tree_util.tree_map(lambda u: u * lr_factor, updates)
     new_p = optax.apply_updates(p, updates)
     active = jnp.any(mask > 0)
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new, old)

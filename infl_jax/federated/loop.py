@@ -3,16 +3,21 @@
 Every federated run goes through ``run_rounds``: the task runners, the central baseline, the privacy
 evaluation, the seed study and the benchmarks. Checkpointing is optional (``RunDir``).
 
+Model selection (``select``): the loop keeps the server state of the round with the best validation
+score (docs/design.md, "Federated protocol"), so the model a run reports does not hang on where in
+the late rounds' round-to-round spread the last round happened to land.
+
 Resume order: the checkpoint holds the server state (parameters, model state, server optimizer
-state, round, run PRNG key, key version) and the metrics so far; the caller rebuilds the clients
-and the freshly initialised state (the template) deterministically from its config, the loop
-restores into that template and continues at the saved round. Round r's randomness is
+state, round, run PRNG key, key version), the selected state and the metrics so far; the caller
+rebuilds the clients and the freshly initialised state (the template) deterministically from its config,
+the loop restores into that template and continues at the saved round. Round r's randomness is
 ``fold_in(run key, r)`` (``engine.round_keys``), so a resumed run repeats exactly the rounds an
 uninterrupted run would.
 """
 
 from __future__ import annotations
 
+import math
 import pathlib
 import time
 from typing import Any, Callable, NamedTuple
@@ -22,11 +27,19 @@ import jax
 from infl_jax.federated.engine import ServerState
 from runkit.checkpoint import Checkpointer
 from runkit.cli import CHECKPOINT_SUBDIR, progress
+from runkit.errors import UserInputError
 from runkit.metrics_log import MetricsWriter
 
-__all__ = ["RoundsResult", "RunDir", "run_rounds"]
+__all__ = ["RoundsResult", "RunDir", "TrainingDiverged", "run_rounds"]
 
 RoundFn = Callable[[ServerState, Any, Any], tuple[ServerState, dict]]
+# A round's validation score (higher is better; of equal scores the later round wins), or None where the
+# round has none.
+SelectFn = Callable[[dict], Any]
+
+
+class TrainingDiverged(UserInputError):
+  """The training loss became NaN or infinite; the settings (usually the learning rate) are at fault."""
 
 
 class RunDir(NamedTuple):
@@ -46,49 +59,91 @@ class RunDir(NamedTuple):
 
 
 class RoundsResult(NamedTuple):
-  state: ServerState
+  state: ServerState  # after the last round run
   history: list[dict]  # {"round": r, **metrics} per round, the resumed ones included
   seconds: float  # wall time of the rounds run in this call
+  selected: ServerState | None = None  # the best-scoring round's state (``select``), else None
+
+  @property
+  def best_or_last(self) -> ServerState:
+    """The state to evaluate: the selected one where a ``select`` score was given, else the last."""
+    return self.state if self.selected is None else self.selected
+
+
+def _best(history: list[dict], select: SelectFn | None) -> tuple[int | None, Any]:
+  scored = [(select(row), row["round"]) for row in history] if select is not None else []
+  scored = [(score, r) for score, r in scored if score is not None]
+  if not scored:
+    return None, None
+  score, r = max(scored)  # the latest of equal scores
+  return r, score
+
+
+def _check_finite(row: dict, done: int, run_dir: RunDir | None, checkpointer: Checkpointer | None) -> None:
+  loss = row.get("train_loss")
+  if loss is None or math.isfinite(loss):
+    return
+  kept = ""
+  if checkpointer is not None and checkpointer.latest_step() is not None:
+    kept = f"; the last good checkpoint (round {checkpointer.latest_step()}) is kept in {run_dir.workdir}"
+  raise TrainingDiverged(f"training diverged in round {done} (train loss {loss}){kept}; lower --learning-rate "
+                         "and start again in a new --workdir")
 
 
 def run_rounds(round_fn: RoundFn, state: ServerState, clients: Any, context: Any, *, rounds: int,
                run_dir: RunDir | None = None, extra_metrics: Callable[[ServerState, int], dict] | None = None,
                should_stop: Callable[[ServerState, int], bool] | None = None,
-               show_progress: bool | None = False) -> RoundsResult:
+               select: SelectFn | None = None, show_progress: bool | None = False) -> RoundsResult:
   """Runs rounds ``state.round + 1 .. rounds`` of ``round_fn(state, clients, context)``.
 
   ``state`` is the freshly initialised server state (with ``run_dir.resume``, the template the
   checkpoint is restored into). ``extra_metrics(state, rounds_done)`` adds e.g. validation scores to
   a round's row; ``should_stop(state, rounds_done)`` ends the loop early after that round (a
-  checkpoint is forced there, so the run resumes from it). ``show_progress`` None: a bar when stderr
-  is a terminal.
+  checkpoint is forced there, so the run resumes from it). ``select(row)`` scores a round's metrics
+  row (None: not scored); the best round's state comes back as ``selected``. ``show_progress`` None: a
+  bar when stderr is a terminal. A NaN or infinite train loss raises ``TrainingDiverged``, leaving the
+  last checkpoint as it was.
   """
   history: list[dict] = []
   checkpointer = writer = None
+  selected = state if select is not None else None
   if run_dir is not None:
     checkpointer = run_dir.checkpointer()
     if run_dir.resume:
-      restored, extra = checkpointer.restore(state._asdict())
-      state = ServerState(**restored)
+      restored, extra = checkpointer.restore({"state": state._asdict(), "selected": state._asdict()})
+      state = ServerState(**restored["state"])
+      selected = ServerState(**restored["selected"]) if select is not None else None
       history = extra.get("history", [])
     writer = MetricsWriter(run_dir.workdir, resume_from_step=int(state.round) if run_dir.resume else None)
+  best_round, best_score = _best(history, select)
   start = int(state.round)
   bar = progress(range(start, rounds), total=rounds, initial=start, desc="rounds",
                  disable=None if show_progress is None else not show_progress)
   t0 = time.perf_counter()
   try:
     for r in bar:
+      if r == start:  # the first call traces and compiles the round (or loads it from the compilation cache)
+        bar.set_description("rounds (compiling)")
       state, round_metrics = round_fn(state, clients, context)
+      if r == start:
+        bar.set_description("rounds")
       done = r + 1
       row = {k: float(v) for k, v in jax.device_get(round_metrics).items()}
+      _check_finite(row, done, run_dir, checkpointer)
       if extra_metrics is not None:
         row.update(extra_metrics(state, done))
       bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_loss", "val_accuracy") if k in row})
       history.append({"round": done, **row})
+      score = select(row) if select is not None else None
+      # Ties go to the later round: under a decaying step size it is the more settled model.
+      if score is not None and (best_score is None or score >= best_score):
+        best_round, best_score, selected = done, score, state
       stop = should_stop is not None and should_stop(state, done)
       if writer is not None:
         writer.write(done, row)
-        checkpointer.save(done, state._asdict(), extra={"history": history}, force=(done == rounds or stop))
+        # ``selected`` is the newest state when nothing is scored, so the checkpoint's layout is fixed.
+        checkpointer.save(done, {"state": state._asdict(), "selected": (selected or state)._asdict()},
+                          extra={"history": history, "selected_round": best_round}, force=(done == rounds or stop))
       if stop:
         break
   finally:
@@ -96,4 +151,4 @@ def run_rounds(round_fn: RoundFn, state: ServerState, clients: Any, context: Any
     if writer is not None:
       writer.close()
       checkpointer.close()
-  return RoundsResult(state, history, time.perf_counter() - t0)
+  return RoundsResult(state, history, time.perf_counter() - t0, selected)

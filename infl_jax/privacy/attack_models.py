@@ -113,9 +113,10 @@ class AttackSetup(NamedTuple):
 
 
 def attack_setup(config: PrivacyConfig, split) -> AttackSetup:
-  key = keylib.generate_key(config.key_seed, config.key_mode)
-  attacker_keys = {"right_key": key, "wrong_key_same_mode": keylib.wrong_key_like(key),
-                   "wrong_key_other_mode": keylib.other_mode_key(key)}
+  key = keylib.generate_key(seed=config.key_seed, mode=config.key_mode)
+  # The wrong keys are guesses made from the evaluation's --seed, not from the clients' key.
+  attacker_keys = {"right_key": key, "wrong_key_same_mode": keylib.wrong_key_like(key, seed=config.seed),
+                   "wrong_key_other_mode": keylib.other_mode_key(key, seed=config.seed)}
   return AttackSetup(config, split, key, attacker_keys, split.test_x[:config.num_targets].astype(np.float32),
                      split.test_y[:config.num_targets], np.std(split.train_x, axis=0), jax.random.key(config.seed + 1))
 

@@ -67,7 +67,10 @@ class PrivacyConfig:
   num_shadows: int = option(8, "LiRA shadow models (0: no LiRA)", group="membership", minimum=0)
   shadow_epochs: int = option(200, "training epochs of each shadow model", group="membership", minimum=1)
   # key
-  key_seed: int = option(0, "seed of the clients' key", group="key")
+  # A seeded key, unlike infl-train's: the same settings give the same tables, and the evaluation's key
+  # protects no model once it ends (docs/design.md, "Keys").
+  key_seed: int = option(0, "seed of the clients' key in this evaluation: reproducible but INSECURE (anyone who "
+                         "knows the seed rebuilds the key), so never for a deployed model", group="key", minimum=0)
   key_mode: str = option("uniform", "distribution of the key's coordinates", group="key",
                          choices=("uniform", "normal", "ones", "zeros", "constant"))
 
@@ -91,8 +94,8 @@ class PrivacyConfig:
   def train_config(self, key_strength: float) -> TrainConfig:
     return TrainConfig.for_dataset(self.dataset, label_key=self.label_key, client_key=self.client_key,
                                    rounds=self.rounds, local_epochs=self.local_epochs,
-                                   key_strength=float(key_strength), key_seed=self.key_seed, key_mode=self.key_mode,
-                                   seed=self.seed, central_baseline=False)
+                                   key_strength=float(key_strength), key_mode=self.key_mode, seed=self.seed,
+                                   central_baseline=False)
 
 
 def inversion_config(config: PrivacyConfig) -> gi.InversionConfig:

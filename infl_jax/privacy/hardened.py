@@ -16,13 +16,16 @@ would change the optimizer's dynamics and add no secrecy that the permutation do
 off by default. Whatever an
 attacker reconstructs from a gradient is ``x_s``: scrambled unless they hold the key.
 
-The scramble is drawn from ``SeedSequence([seed, version, mode, domain tag])``: a stream disjoint
-from the key coordinates', reproducible from the SecretKey alone.
+The scramble is drawn from the key material, never from a seed: ``SeedSequence(SHA-256(domain tag,
+material, mode, version))``, a stream apart from the key coordinates' (docs/design.md, "Keys"),
+reproducible from the SecretKey alone and as unguessable as its material.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from typing import NamedTuple
 
 import numpy as np
@@ -32,7 +35,7 @@ from runkit.errors import UserInputError
 
 __all__ = ["InputScrambler", "harden_split", "input_scrambler", "scramble", "unscramble"]
 
-_DOMAIN_TAG = 0x4A7D5C
+_DOMAIN_TAG = b"infl-hardened-scramble-v2\0"  # v1 was drawn from SeedSequence([seed, version, mode, tag])
 
 
 class InputScrambler(NamedTuple):
@@ -49,9 +52,8 @@ def input_scrambler(key: keylib.SecretKey, num_features: int,
                          f"{type(key).__name__}")
   if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) or num_features < 1:
     raise UserInputError(f"input_scrambler: num_features must be a positive integer, got {num_features!r}")
-  mode_index = keylib.KEY_MODES.index(key.mode)
-  rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([key.seed, key.version, mode_index,
-                                                                     _DOMAIN_TAG])))
+  digest = hashlib.sha256(_DOMAIN_TAG + key.material + json.dumps([key.mode, key.version]).encode()).digest()
+  rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(int.from_bytes(digest, "little"))))
   permutation = rng.permutation(int(num_features))
   signs = np.where(rng.random(num_features) < 0.5, -1.0, 1.0).astype(np.float32)
   if scale_range is None:

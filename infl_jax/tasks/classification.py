@@ -4,8 +4,10 @@ its runner: federated training with checkpoints, then the key study and a centra
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -15,7 +17,7 @@ import optax
 
 from infl_jax import keys as keylib
 from infl_jax import models
-from infl_jax.config import TrainConfig
+from infl_jax.config import GENERIC_N_CLIENTS, TrainConfig
 from infl_jax.federated import (ClientData, ServerState, Task, algorithm_from_config, global_variables, run_rounds,
                                 stack_clients)
 from infl_jax.tasks.common import (check_key_version, evaluation_keys, stopped_early, train_federated,
@@ -61,20 +63,26 @@ def classification_task(model: nn.Module) -> Task:
   return Task(loss=loss)
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def _inference_logits(model: nn.Module, variables, x: jax.Array, key_coords: Any) -> jax.Array:
+  # ``model`` is static (flax modules hash by their settings), so every call with the same model and
+  # shapes reuses one compiled function: the key study's keys, validation and test alike.
+  return model.apply(variables, x, key_coords=key_coords, **_mode_kwargs(model, False))
+
+
 def predict_logits(model: nn.Module, variables, x: np.ndarray, key_coords: Any = None,
                    batch_size: int = 4096) -> np.ndarray:
   """Inference-mode logits, in fixed-size batches so one compiled function serves any input size."""
-  mode = _mode_kwargs(model, False)
-  apply = jax.jit(lambda v, xb, c: model.apply(v, xb, key_coords=c, **mode))
   x = np.asarray(x, np.float32)
   n = x.shape[0]
   size = min(batch_size, n)
+  coords = None if key_coords is None else jnp.asarray(key_coords, jnp.float32)
   out = []
   for start in range(0, n, size):
     xb = x[start:start + size]
     pad = size - xb.shape[0]
     xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)]) if pad else xb
-    out.append(np.asarray(apply(variables, xb, key_coords))[: size - pad])
+    out.append(np.asarray(_inference_logits(model, variables, xb, coords))[: size - pad])
   return np.concatenate(out)
 
 
@@ -118,11 +126,36 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def load_data(config: TrainConfig):
+  """The data of ``config``'s data options; a file split without a client column gets
+  ``GENERIC_N_CLIENTS`` clients where ``--n-clients`` is not given, and a note on stderr saying so."""
   from infl_jax.data import load_dataset
 
-  return load_dataset(config.dataset, label_key=config.label_key, client_key=config.client_key,
-                      n_clients=config.n_clients, partition=config.partition, alpha=config.alpha,
-                      seed=config.seed, n_top_features=config.n_top_features)
+  split = load_dataset(config.dataset, label_key=config.label_key, client_key=config.client_key,
+                       n_clients=config.n_clients, partition=config.partition, alpha=config.alpha,
+                       classes_per_client=config.classes_per_client, val_fraction=config.val_fraction,
+                       test_fraction=config.test_fraction, seed=config.seed, layer=config.layer,
+                       log_transform=config.log_transform, impute=config.impute,
+                       n_top_features=config.n_top_features, min_class_count=config.min_class_count,
+                       drop_unlabelled=config.drop_unlabelled, default_n_clients=GENERIC_N_CLIENTS)
+  if config.partition is None and config.client_key is None and split.config["partition"] == "iid":
+    # Chosen for the user: say so, since a file usually has a site/patient column worth using.
+    print(f"no --client-key given: split into {split.n_clients} IID clients (set --client-key COLUMN or "
+          "--partition/--n-clients)", file=sys.stderr)
+  _warn_single_class_clients(split, config)
+  return split
+
+
+def _warn_single_class_clients(split, config: TrainConfig) -> None:
+  single = [name for name, (_, y) in zip(split.client_names, split.client_arrays()) if len(np.unique(y)) == 1]
+  if not single:
+    return
+  batch_norm = config.model == "proteomics" or config.norm == "batch"
+  what = "their BatchNorm statistics and updates see" if batch_norm else "their updates see"
+  advice = "; --model mlp --norm layer normalises each sample on its own" if batch_norm else ""
+  names = ", ".join(map(str, single[:5])) + (", ..." if len(single) > 5 else "")
+  print(f"warning: {len(single)} of {split.n_clients} clients hold a single class ({names}): {what} one class "
+        f"only{advice}",
+        file=sys.stderr)
 
 
 def create_model(config: TrainConfig, num_classes: int):
@@ -131,10 +164,11 @@ def create_model(config: TrainConfig, num_classes: int):
                          "(--bf16 selects bfloat16)")
   if config.model == "proteomics":
     return models.make_proteomics_net(num_classes, key_strength=config.key_strength, dropout_rate=config.dropout,
-                                      variant=config.variant, dtype=config.compute_dtype)
+                                      variant=config.variant, dtype=config.compute_dtype,
+                                      residual_relu=config.residual_relu)
   if config.model == "mlp":
     return models.make_mlp_classifier(config.hidden, num_classes, key_strength=config.key_strength,
-                                      use_batch_norm=True, dropout_rate=config.dropout, variant=config.variant,
+                                      norm=config.norm, dropout_rate=config.dropout, variant=config.variant,
                                       dtype=config.compute_dtype)
   raise UserInputError(f"unknown model {config.model!r}; choose --model proteomics or --model mlp")
 
@@ -162,20 +196,45 @@ def fit(config: TrainConfig, model, clients: ClientData, num_features: int, coor
 
 
 def train_central(config: TrainConfig, model, split, coords, rng: jax.Array) -> dict:
-  """The utility reference: the same architecture and optimizer on the pooled training data,
-  for as many epochs as a federated client trains in all (rounds x local epochs).
+  """The utility reference: the same network, optimizer, schedule and model selection on the pooled
+  training data, i.e. the federated protocol with one client that holds every training sample.
 
-  It is one engine round over a single client holding all training data, with plain
-  averaging, which is exactly that client's uninterrupted local training.
+  Each round that client trains ``local_epochs`` epochs from the previous round's model (FedAvg over
+  one client keeps its model), so central and federated training differ only in the split of the data.
   """
   pooled = stack_clients([{"x": split.train_x.astype(np.float32), "y": split.train_y.astype(np.int32)}],
                          key_version=config.key_version)
-  central = dataclasses.replace(config, rounds=1, local_epochs=config.rounds * config.local_epochs,
-                                client_fraction=1.0, server_optimizer="fedavg", server_learning_rate=None,
+  central = dataclasses.replace(config, client_fraction=1.0, server_optimizer="fedavg", server_learning_rate=None,
                                 prox_mu=0.0)
+  algo = algorithm_from_config(central, classification_task(model))
   init_rng, server_rng = jax.random.split(rng)
-  state = fit(central, model, pooled, split.n_features, coords, init_rng=init_rng, server_rng=server_rng)
-  return evaluate(model, global_variables(state), split.test_x, split.test_y, split.n_classes, coords)
+  state = algo.init(init_variables(model, split.n_features, init_rng), server_rng, key_version=config.key_version)
+  result = run_rounds(jax.jit(algo.round), state, pooled, jnp.asarray(coords), rounds=config.rounds,
+                      extra_metrics=validation_metrics(config, model, split, coords),
+                      select=validation_score(config))
+  return evaluate(model, global_variables(result.best_or_last), split.test_x, split.test_y, split.n_classes, coords)
+
+
+def validation_metrics(config: TrainConfig, model, split, coords) -> Callable[[ServerState, int], dict]:
+  """Validation accuracy, F1, AUC and loss of the global model every ``eval_every`` rounds and at the last."""
+
+  def metrics(state: ServerState, done: int) -> dict:
+    if done % config.eval_every and done != config.rounds:
+      return {}
+    logits = predict_logits(model, global_variables(state), split.val_x, coords)
+    scores = classification_metrics(split.val_y, logits, split.n_classes)
+    scores["loss"] = float(optax.softmax_cross_entropy_with_integer_labels(logits, split.val_y).mean())
+    return {f"val_{k}": v for k, v in scores.items()}
+
+  return metrics
+
+
+def validation_score(config: TrainConfig):
+  """The round score of ``--model-selection best-val``: validation accuracy, the later round winning ties
+  (docs/design.md, "Federated protocol"); None for ``last``."""
+  if config.model_selection == "last":
+    return None
+  return lambda row: row.get("val_accuracy")
 
 
 def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = False,
@@ -191,25 +250,17 @@ def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = F
   coords = jnp.asarray(key.coords)
   init_rng, server_rng, central_rng = jax.random.split(jax.random.key(config.seed), 3)
 
-  eval_logits = jax.jit(lambda v, x: model.apply(v, x, key_coords=coords, train=False))
-  val_x = jnp.asarray(split.val_x, jnp.float32)
-
-  def validation_metrics(state: ServerState, done: int) -> dict:
-    if done % config.eval_every and done != config.rounds:
-      return {}
-    logits = np.asarray(eval_logits(global_variables(state), val_x))
-    return {f"val_{k}": v for k, v in classification_metrics(split.val_y, logits, split.n_classes).items()}
-
   result = train_federated(config, workdir, algo, init_variables(model, split.n_features, init_rng),
                            client_data(split, config.key_version), coords, rng=server_rng, resume=resume,
                            stop_after_round=stop_after_round, show_progress=show_progress,
-                           extra_metrics=validation_metrics)
+                           extra_metrics=validation_metrics(config, model, split, coords),
+                           select=validation_score(config))
   if stopped := stopped_early(result, config):
     return stopped
 
-  variables = global_variables(result.state)
+  variables = global_variables(result.best_or_last)
   test = {name: evaluate(model, variables, split.test_x, split.test_y, split.n_classes, c)
-          for name, c in evaluation_keys(key).items()}
+          for name, c in evaluation_keys(key, seed=config.seed).items()}
   summary = {
       "task": "classification",
       "dataset": config.dataset,
@@ -219,6 +270,8 @@ def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = F
       "classes": list(split.class_names),
       "majority_class_test_fraction": float(np.bincount(split.test_y).max() / len(split.test_y)),
       "rounds": int(result.state.round),
+      "evaluated_round": int(result.best_or_last.round),
+      "model_selection": config.model_selection,
       "federated_train_seconds_this_session": result.seconds,
       "test": test,
       "config": dataclasses.asdict(config),
@@ -229,7 +282,9 @@ def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = F
 
 
 def format_summary(summary: dict) -> str:
-  lines = [f"test metrics after {summary['rounds']} rounds on {summary['dataset']} "
+  chosen = summary.get("evaluated_round", summary["rounds"])
+  chosen = f" (model of round {chosen}, best on validation)" if chosen != summary["rounds"] else ""
+  lines = [f"test metrics after {summary['rounds']} rounds{chosen} on {summary['dataset']} "
            f"({summary['n_test']} test samples; majority class {summary['majority_class_test_fraction']:.2f}):"]
   rows = [("federated", name, m) for name, m in summary["test"].items()]
   if "central_right_key_test" in summary:

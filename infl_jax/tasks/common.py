@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 from typing import Any, Callable
 
 import jax
@@ -14,11 +15,11 @@ from infl_jax import keys as keylib
 from infl_jax.config import TrainConfig
 from infl_jax.federated import (ClientData, FederatedAlgorithm, RoundsResult, RunDir, ServerState, client_mesh,
                                 run_rounds, shard_clients)
-from runkit.errors import UserInputError
+from runkit.errors import CheckpointError, UserInputError
 from runkit.metrics_log import write_json_atomic
 
-__all__ = ["check_key_version", "evaluation_keys", "stopped_early", "train_federated", "training_record", "write_h5ad",
-           "write_summary"]
+__all__ = ["check_key_version", "evaluation_keys", "resume_settings", "stopped_early", "train_federated",
+           "training_record", "write_h5ad", "write_summary"]
 
 
 def check_key_version(config: TrainConfig, key: keylib.SecretKey) -> None:
@@ -27,35 +28,67 @@ def check_key_version(config: TrainConfig, key: keylib.SecretKey) -> None:
                          f"{config.key_version}; pass --key-version {key.version} or the matching key file")
 
 
-def evaluation_keys(key: keylib.SecretKey) -> dict[str, Any]:
-  """The four ways to run a trained model: right key, two kinds of wrong key, no INR path."""
+def evaluation_keys(key: keylib.SecretKey, seed: int | None = None) -> dict[str, Any]:
+  """The four ways to run a trained model: right key, two kinds of wrong key, no INR path.
+
+  The wrong keys are an attacker's guesses, made from ``seed`` (the run's --seed) or, without it, from the
+  key's public fingerprint: reproducible, and never from the key's material (docs/design.md, "Keys").
+  """
   return {
       "right_key": key.coords,
-      "wrong_key_same_mode": keylib.wrong_key_like(key).coords,
-      "wrong_key_other_mode": keylib.other_mode_key(key).coords,
+      "wrong_key_same_mode": keylib.wrong_key_like(key, seed=seed).coords,
+      "wrong_key_other_mode": keylib.other_mode_key(key, seed=seed).coords,
       "no_inr": None,
   }
+
+
+def resume_settings(config: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+  """``(fingerprint, defaults)`` a resume is checked against: ``config.resume_fingerprint()``, the key's
+  fingerprint included. A checkpoint from before runs recorded it has nothing to check it against, so its
+  default is the present key's: any key resumes such a run, as it did before."""
+  fingerprint, defaults = config.resume_fingerprint()
+  defaults["key_fingerprint"] = fingerprint["key_fingerprint"]
+  return fingerprint, defaults
+
+
+def _key_mismatch(error: CheckpointError, config: TrainConfig) -> UserInputError | None:
+  """The checkpointer's "different settings" error told as what it is when the key differs: the wrong key file."""
+  found = re.search(r"key_fingerprint: saved '([0-9a-f]+)'", str(error))
+  if found is None:
+    return None
+  others = str(error).count(": saved ") - 1
+  more = f" (besides, {others} other setting(s) differ: {error})" if others else ""
+  return UserInputError(f"the key file's fingerprint {config.key_fingerprint} differs from the run's "
+                        f"{found.group(1)}; pass the run's --key-file{more}")
 
 
 def train_federated(config: TrainConfig, workdir, algo: FederatedAlgorithm, variables, clients: ClientData,
                     context: Any, *, rng: jax.Array, resume: bool = False, stop_after_round: int | None = None,
                     show_progress: bool | None = None,
-                    extra_metrics: Callable[[ServerState, int], dict] | None = None) -> RoundsResult:
+                    extra_metrics: Callable[[ServerState, int], dict] | None = None,
+                    select: Callable[[dict], Any] | None = None) -> RoundsResult:
   """Initialises the server state from ``variables`` and runs ``config.rounds`` rounds of ``algo`` in
   ``workdir`` (metrics.jsonl, checkpoints; ``resume`` continues from the last one).
 
-  ``stop_after_round`` ends the run after that round's checkpoint (to test resume).
+  ``stop_after_round`` ends the run after that round's checkpoint (to test resume); ``select`` scores a
+  round's metrics row for model selection (``run_rounds``).
   """
   state = algo.init(variables, rng, key_version=config.key_version)
   if config.shard_clients:
     clients = shard_clients(clients, client_mesh())
-  fingerprint, defaults = config.resume_fingerprint()
+  fingerprint, defaults = resume_settings(config)
   run_dir = RunDir(pathlib.Path(workdir), checkpoint_every=config.checkpoint_every,
                    keep_checkpoints=config.keep_checkpoints, fingerprint=fingerprint,
                    fingerprint_defaults=defaults, resume=resume)
   should_stop = None if stop_after_round is None else (lambda _, done: done >= stop_after_round)
-  return run_rounds(jax.jit(algo.round), state, clients, context, rounds=config.rounds, run_dir=run_dir,
-                    extra_metrics=extra_metrics, should_stop=should_stop, show_progress=show_progress)
+  try:
+    return run_rounds(jax.jit(algo.round), state, clients, context, rounds=config.rounds, run_dir=run_dir,
+                      extra_metrics=extra_metrics, should_stop=should_stop, select=select,
+                      show_progress=show_progress)
+  except CheckpointError as error:
+    if (mismatch := _key_mismatch(error, config)) is None:
+      raise
+    raise mismatch from None
 
 
 def stopped_early(result: RoundsResult, config: TrainConfig) -> dict | None:

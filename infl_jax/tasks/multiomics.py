@@ -204,7 +204,7 @@ def _evaluate(config: TrainConfig, workdir: pathlib.Path, key, model, data, vari
             for name, (truth, k) in label_sets.items()}
 
   results, embeddings = {}, {}
-  for name, c in evaluation_keys(key).items():
+  for name, c in evaluation_keys(key, seed=config.seed).items():
     embeddings[name] = np.asarray(embed(variables, data.modalities, present, None if c is None else jnp.asarray(c)))
     results[name] = {"mosaic": scores(embeddings[name])}
   if data.modalities_all is not None:

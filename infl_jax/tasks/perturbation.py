@@ -244,7 +244,7 @@ def _evaluate(config: TrainConfig, workdir: pathlib.Path, key, model, data, vari
     return lambda cond: pred_cells[test_conditions == condition_name(cond)].mean(0)
 
   predictions = {name: _predict(model, variables, test, None if c is None else jnp.asarray(c))
-                 for name, c in evaluation_keys(key).items()}
+                 for name, c in evaluation_keys(key, seed=config.seed).items()}
   results = {name: _score(data, control_mean, mean_of(pred)) for name, pred in predictions.items()}
 
   def additive(cond):

@@ -147,7 +147,7 @@ def _evaluate(config: TrainConfig, workdir, key, model, data, per_client, nodes,
     return clustering_scores(data.labels, cluster_embedding(z, n_clusters, config.cluster_method, seed=config.seed))
 
   embeddings = {name: embed(variables, None if c is None else jnp.asarray(c))
-                for name, c in evaluation_keys(key).items()}
+                for name, c in evaluation_keys(key, seed=config.seed).items()}
   results = {name: scores(z) for name, z in embeddings.items()}
   baselines = {
       "scanpy_style_pca_kmeans": pca_kmeans_baseline(data.log_expression, data.labels, n_clusters, seed=config.seed),
