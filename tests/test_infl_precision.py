@@ -120,7 +120,7 @@ def test_infl_train_bf16_and_sharded_end_to_end(tmp_path):
   ckpt = Checkpointer(pathlib.Path(tmp_path) / "checkpoints", config=fingerprint, config_defaults=defaults)
   metadata = ckpt._manager.item_metadata(ckpt.latest_step())["state"]
   ckpt.close()
-  assert {str(m.dtype) for m in jax.tree_util.tree_leaves(dict(metadata["params"]))} == {"float32"}
+  assert {str(m.dtype) for m in jax.tree_util.tree_leaves(dict(metadata["state"]["params"]))} == {"float32"}
   assert fingerprint["compute_dtype"] == "bfloat16"
   assert defaults["compute_dtype"] == "float32"  # a checkpoint from before the setting resumes as float32
 
