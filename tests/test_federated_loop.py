@@ -57,6 +57,9 @@ def test_selection_keeps_the_best_scoring_round():
   assert result.best_or_last is result.selected
   unselected = run_rounds(jax.jit(algo.round), state, _clients(), None, rounds=6)
   assert unselected.selected is None and int(unselected.best_or_last.round) == 6
+  # A score that never comes (no validation rows) leaves the last round, never the untrained start.
+  unscored = run_rounds(jax.jit(algo.round), state, _clients(), None, rounds=3, select=lambda row: None)
+  assert unscored.selected is None and int(unscored.best_or_last.round) == 3
 
 
 def test_resumed_selection_equals_uninterrupted(tmp_path):

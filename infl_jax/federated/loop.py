@@ -62,11 +62,11 @@ class RoundsResult(NamedTuple):
   state: ServerState  # after the last round run
   history: list[dict]  # {"round": r, **metrics} per round, the resumed ones included
   seconds: float  # wall time of the rounds run in this call
-  selected: ServerState | None = None  # the best-scoring round's state (``select``), else None
+  selected: ServerState | None = None  # the best-scoring round's state (``select``); None if none was scored
 
   @property
   def best_or_last(self) -> ServerState:
-    """The state to evaluate: the selected one where a ``select`` score was given, else the last."""
+    """The state to evaluate: the selected one where ``select`` scored a round, else the last."""
     return self.state if self.selected is None else self.selected
 
 
@@ -106,14 +106,15 @@ def run_rounds(round_fn: RoundFn, state: ServerState, clients: Any, context: Any
   """
   history: list[dict] = []
   checkpointer = writer = None
-  selected = state if select is not None else None
+  selected = None  # the best-scoring state so far; None until a round is scored
   if run_dir is not None:
     checkpointer = run_dir.checkpointer()
     if run_dir.resume:
       restored, extra = checkpointer.restore({"state": state._asdict(), "selected": state._asdict()})
       state = ServerState(**restored["state"])
-      selected = ServerState(**restored["selected"]) if select is not None else None
       history = extra.get("history", [])
+      if _best(history, select)[0] is not None:
+        selected = ServerState(**restored["selected"])
     writer = MetricsWriter(run_dir.workdir, resume_from_step=int(state.round) if run_dir.resume else None)
   best_round, best_score = _best(history, select)
   start = int(state.round)
