@@ -155,8 +155,10 @@ class TrainConfig:
   seed: int = option(0, "seed of the data split, partition, initialisation and training", group="run", minimum=0,
                      maximum=2**32 - 1)
   eval_every: int = option(1, "rounds between validation scores", group="run", resume=False, minimum=1)
-  checkpoint_every: int = option(5, "rounds between checkpoints", group="run", resume=False, minimum=1,
-                                 default_help="5; nutrimouse 50, spatial 20, perturbation_sim 10")
+  # 10: a save costs a few tenths of a second (orbax writes each of a keyed network's ~250 arrays), more than
+  # ten rounds of a small federation; a killed run loses at most ten rounds and resumes exactly.
+  checkpoint_every: int = option(10, "rounds between checkpoints", group="run", resume=False, minimum=1,
+                                 default_help="10; nutrimouse 50, spatial 20")
   keep_checkpoints: int = option(3, "checkpoints kept", group="run", resume=False, minimum=1)
   model_selection: str = option("best-val", "which round's model is evaluated: the best on validation "
                                 "(accuracy; of equal ones the later), or the last", group="run",

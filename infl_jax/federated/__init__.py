@@ -17,7 +17,7 @@ from infl_jax.federated.client_data import ClientData, stack_clients
 from infl_jax.federated.engine import (FederatedAlgorithm, RoundKeys, ServerState, cosine_round_schedule, fedavg,
                                       global_variables, round_keys, server_optimizer)
 from infl_jax.federated.local import LocalConfig, client_update
-from infl_jax.federated.loop import RoundsResult, RunDir, TrainingDiverged, run_rounds
+from infl_jax.federated.loop import RoundsResult, RunDir, TrainingDiverged, jit_round, run_rounds
 from infl_jax.federated.sharding import CLIENT_AXIS, ShardedClientData, client_mesh, shard_clients
 from infl_jax.federated.task import Task
 
@@ -40,6 +40,7 @@ __all__ = [
     "cosine_round_schedule",
     "fedavg",
     "global_variables",
+    "jit_round",
     "round_keys",
     "run_rounds",
     "server_optimizer",

@@ -14,9 +14,11 @@ __all__ = ["algorithm_from_config", "client_optimizer_from_config"]
 
 
 def client_optimizer_from_config(config: TrainConfig) -> optax.GradientTransformation:
-  # PyTorch-style Adam weight decay (L2 added to the gradient), as the reference trains.
-  return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                     optax.adam(config.learning_rate, eps=config.adam_eps))
+  # PyTorch-style Adam weight decay (L2 added to the gradient), as the reference trains. Flattened: the
+  # update is elementwise, and one vector instead of a hundred small leaves (a keyed network's many INR
+  # parameters) makes the compiled round smaller and faster (benchmarks/infl_time_to_result.py).
+  return optax.flatten(optax.chain(optax.add_decayed_weights(config.weight_decay),
+                                   optax.adam(config.learning_rate, eps=config.adam_eps)))
 
 
 def algorithm_from_config(config: TrainConfig, task: Task, *, batch_size: int | None = None,

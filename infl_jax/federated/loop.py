@@ -29,13 +29,19 @@ from runkit.checkpoint import Checkpointer
 from runkit.cli import CHECKPOINT_SUBDIR, progress
 from runkit.errors import UserInputError
 from runkit.metrics_log import MetricsWriter
+from runkit.xla import LOOP, compiler_options
 
-__all__ = ["RoundsResult", "RunDir", "TrainingDiverged", "run_rounds"]
+__all__ = ["RoundsResult", "RunDir", "TrainingDiverged", "jit_round", "run_rounds"]
 
 RoundFn = Callable[[ServerState, Any, Any], tuple[ServerState, dict]]
 # A round's validation score (higher is better; of equal scores the later round wins), or None where the
 # round has none.
 SelectFn = Callable[[dict], Any]
+
+
+def jit_round(round_fn: RoundFn) -> RoundFn:
+  """``round_fn`` jit-compiled for a run of many rounds (``runkit.xla``: a shorter compile on CPU)."""
+  return jax.jit(round_fn, compiler_options=compiler_options(LOOP))
 
 
 class TrainingDiverged(UserInputError):

@@ -3,11 +3,12 @@ its runner: federated training with checkpoints, then the key study and a centra
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import inspect
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -18,15 +19,16 @@ import optax
 from infl_jax import keys as keylib
 from infl_jax import models
 from infl_jax.config import GENERIC_N_CLIENTS, TrainConfig
-from infl_jax.federated import (ClientData, ServerState, Task, algorithm_from_config, global_variables, run_rounds,
-                                stack_clients)
+from infl_jax.federated import (ClientData, ServerState, Task, algorithm_from_config, global_variables, jit_round,
+                                run_rounds, stack_clients)
 from infl_jax.tasks.common import (check_key_version, evaluation_keys, stopped_early, train_federated,
                                    write_summary)
 from runkit.errors import UserInputError
+from runkit.xla import ONCE, compiler_options
 
-__all__ = ["accepts_kwarg", "accepts_mask", "classification_metrics", "classification_task", "client_data",
-           "create_model", "evaluate", "fit", "format_summary", "init_variables", "load_data", "predict_logits", "run",
-           "train_central"]
+__all__ = ["CentralRun", "accepts_kwarg", "accepts_mask", "binary_auc", "classification_metrics",
+           "classification_task", "client_data", "create_model", "cross_entropy", "evaluate", "fit", "format_summary",
+           "init_variables", "load_data", "predict_logits", "prepare_central", "run", "softmax", "train_central"]
 
 
 def accepts_kwarg(model: nn.Module, name: str) -> bool:
@@ -72,10 +74,14 @@ def _inference_logits(model: nn.Module, variables, x: jax.Array, key_coords: Any
 
 def predict_logits(model: nn.Module, variables, x: np.ndarray, key_coords: Any = None,
                    batch_size: int = 4096) -> np.ndarray:
-  """Inference-mode logits, in fixed-size batches so one compiled function serves any input size."""
+  """Inference-mode logits, in fixed-size batches so one compiled function serves any input size.
+
+  Inputs are padded to a shape bucket (the next power of two, at least 256 rows, at most ``batch_size``
+  per call), so validation and test sets of different sizes share one compiled function.
+  """
   x = np.asarray(x, np.float32)
   n = x.shape[0]
-  size = min(batch_size, n)
+  size = min(batch_size, max(256, 1 << max(n - 1, 0).bit_length()))
   coords = None if key_coords is None else jnp.asarray(key_coords, jnp.float32)
   out = []
   for start in range(0, n, size):
@@ -86,34 +92,63 @@ def predict_logits(model: nn.Module, variables, x: np.ndarray, key_coords: Any =
   return np.concatenate(out)
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+  z = np.asarray(logits, np.float64)
+  z = np.exp(z - z.max(axis=-1, keepdims=True))
+  return z / z.sum(axis=-1, keepdims=True)
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+  """Mean softmax cross-entropy, in numpy (metrics run on the host, no JAX op to compile)."""
+  z = np.asarray(logits, np.float64)
+  z = z - z.max(axis=-1, keepdims=True)
+  log_probs = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+  return float(-log_probs[np.arange(len(labels)), np.asarray(labels)].mean())
+
+
+def binary_auc(positive: np.ndarray, scores: np.ndarray) -> float:
+  """ROC AUC as the Mann-Whitney statistic (ties count one half): scikit-learn's ``roc_auc_score``."""
+  positive = np.asarray(positive, bool)
+  order = np.argsort(scores, kind="mergesort")
+  sorted_scores = np.asarray(scores)[order]
+  # Average ranks (1-based) over runs of tied scores.
+  starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
+  ends = np.r_[starts[1:], len(sorted_scores)]
+  ranks = np.empty(len(sorted_scores))
+  ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+  n_pos = positive.sum()
+  n_neg = len(positive) - n_pos
+  return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
 def classification_metrics(y_true: np.ndarray, logits: np.ndarray, num_classes: int) -> dict[str, float]:
   """Accuracy, weighted F1, and one-vs-rest ROC AUC weighted by class prevalence.
 
   AUC is averaged over the classes present in ``y_true`` (a class absent from a small
   test split has no defined AUC), each weighted by its count, as scikit-learn's
-  ``average="weighted"`` does.
+  ``average="weighted"`` does; the figures equal scikit-learn's (tested), computed in numpy because
+  validation scores every round and scikit-learn's input checks cost more than the arithmetic.
   """
-  from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
-
   y_true = np.asarray(y_true)
   logits = np.asarray(logits, np.float64)
   if logits.shape != (y_true.shape[0], num_classes):
     raise ValueError(f"logits have shape {logits.shape}, expected ({y_true.shape[0]}, {num_classes})")
-  probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+  probs = softmax(logits)
   pred = probs.argmax(-1)
-  present = [c for c in range(num_classes) if 0 < np.sum(y_true == c) < len(y_true)]
-  if present:
-    counts = np.array([np.sum(y_true == c) for c in present], np.float64)
-    aucs = np.array([roc_auc_score(y_true == c, probs[:, c]) for c in present])
-    auc = float(np.sum(aucs * counts) / counts.sum())
-    if num_classes == 2:
-      auc = float(roc_auc_score(y_true == 1, probs[:, 1]))
+  counts = np.bincount(y_true, minlength=num_classes).astype(np.float64)
+  if num_classes == 2 and 0 < counts[1] < len(y_true):
+    auc = binary_auc(y_true == 1, probs[:, 1])
   else:
-    auc = float("nan")
+    present = [c for c in range(num_classes) if 0 < counts[c] < len(y_true)]
+    aucs = [binary_auc(y_true == c, probs[:, c]) for c in present]
+    auc = float(np.dot(aucs, counts[present]) / counts[present].sum()) if present else float("nan")
+  true_positives = np.bincount(y_true[pred == y_true], minlength=num_classes).astype(np.float64)
+  predicted = np.bincount(pred, minlength=num_classes).astype(np.float64)
+  denominator = predicted + counts  # F1 = 2 TP / (predicted + actual); 0 where both are 0
+  f1 = np.divide(2 * true_positives, denominator, out=np.zeros(num_classes), where=denominator > 0)
   return {
-      "accuracy": float(accuracy_score(y_true, pred)),
-      "f1_weighted": float(f1_score(y_true, pred, average="weighted", labels=np.arange(num_classes),
-                                    zero_division=0)),
+      "accuracy": float(np.mean(pred == y_true)),
+      "f1_weighted": float(np.dot(f1, counts) / counts.sum()),
       "auc_weighted": auc,
   }
 
@@ -174,8 +209,18 @@ def create_model(config: TrainConfig, num_classes: int):
 
 
 def init_variables(model, num_features: int, rng: jax.Array):
-  dummy = jnp.zeros((2, num_features), jnp.float32)
-  return model.init({"params": rng, "dropout": rng}, dummy, key_coords=None, train=False)
+  """The model's initial variables, from one compiled program (cached on disk) rather than one small
+  compile per initialiser op."""
+  return _init_program()(model, num_features, rng)
+
+
+@functools.cache
+def _init_program():
+  def init(model, num_features, rng):
+    dummy = jnp.zeros((2, num_features), jnp.float32)
+    return model.init({"params": rng, "dropout": rng}, dummy, key_coords=None, train=False)
+
+  return jax.jit(init, static_argnums=(0, 1), compiler_options=compiler_options(ONCE))
 
 
 def client_data(split, key_version: int) -> ClientData:
@@ -192,15 +237,26 @@ def fit(config: TrainConfig, model, clients: ClientData, num_features: int, coor
   """``config.rounds`` federated rounds from a fresh model, in memory (no workdir, no checkpoints)."""
   algo = algorithm_from_config(config, classification_task(model))
   state = algo.init(init_variables(model, num_features, init_rng), server_rng, key_version=config.key_version)
-  return run_rounds(jax.jit(algo.round), state, clients, jnp.asarray(coords), rounds=config.rounds).state
+  return run_rounds(jit_round(algo.round), state, clients, jnp.asarray(coords), rounds=config.rounds).state
 
 
-def train_central(config: TrainConfig, model, split, coords, rng: jax.Array) -> dict:
+class CentralRun(NamedTuple):
+  """The central baseline ready to run: its compiled round, initial state and pooled data."""
+
+  round_fn: Callable
+  state: ServerState
+  pooled: ClientData
+  coords: jax.Array
+
+
+def prepare_central(config: TrainConfig, model, split, coords, rng: jax.Array) -> CentralRun:
   """The utility reference: the same network, optimizer, schedule and model selection on the pooled
   training data, i.e. the federated protocol with one client that holds every training sample.
 
   Each round that client trains ``local_epochs`` epochs from the previous round's model (FedAvg over
   one client keeps its model), so central and federated training differ only in the split of the data.
+  Its round is compiled here, ahead of time, so that ``run`` can prepare it in a background thread while
+  the federated rounds run (on CPU one core compiles while the other runs the rounds' small kernels).
   """
   pooled = stack_clients([{"x": split.train_x.astype(np.float32), "y": split.train_y.astype(np.int32)}],
                          key_version=config.key_version)
@@ -209,7 +265,16 @@ def train_central(config: TrainConfig, model, split, coords, rng: jax.Array) -> 
   algo = algorithm_from_config(central, classification_task(model))
   init_rng, server_rng = jax.random.split(rng)
   state = algo.init(init_variables(model, split.n_features, init_rng), server_rng, key_version=config.key_version)
-  result = run_rounds(jax.jit(algo.round), state, pooled, jnp.asarray(coords), rounds=config.rounds,
+  coords = jnp.asarray(coords)
+  return CentralRun(jit_round(algo.round).lower(state, pooled, coords).compile(), state, pooled, coords)
+
+
+def train_central(config: TrainConfig, model, split, coords, rng: jax.Array, *,
+                  prepared: CentralRun | None = None) -> dict:
+  """Trains the central baseline (``prepare_central``; ``prepared`` if it is ready) and returns its test
+  metrics, right key, at the round selected on validation."""
+  run = prepared or prepare_central(config, model, split, coords, rng)
+  result = run_rounds(run.round_fn, run.state, run.pooled, run.coords, rounds=config.rounds,
                       extra_metrics=validation_metrics(config, model, split, coords),
                       select=validation_score(config))
   return evaluate(model, global_variables(result.best_or_last), split.test_x, split.test_y, split.n_classes, coords)
@@ -223,7 +288,7 @@ def validation_metrics(config: TrainConfig, model, split, coords) -> Callable[[S
       return {}
     logits = predict_logits(model, global_variables(state), split.val_x, coords)
     scores = classification_metrics(split.val_y, logits, split.n_classes)
-    scores["loss"] = float(optax.softmax_cross_entropy_with_integer_labels(logits, split.val_y).mean())
+    scores["loss"] = cross_entropy(logits, split.val_y)
     return {f"val_{k}": v for k, v in scores.items()}
 
   return metrics
@@ -250,13 +315,19 @@ def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = F
   coords = jnp.asarray(key.coords)
   init_rng, server_rng, central_rng = jax.random.split(jax.random.key(config.seed), 3)
 
-  result = train_federated(config, workdir, algo, init_variables(model, split.n_features, init_rng),
-                           client_data(split, config.key_version), coords, rng=server_rng, resume=resume,
-                           stop_after_round=stop_after_round, show_progress=show_progress,
-                           extra_metrics=validation_metrics(config, model, split, coords),
-                           select=validation_score(config))
-  if stopped := stopped_early(result, config):
-    return stopped
+  # The central baseline's round compiles in the background while the federated rounds run (not when the
+  # run is to stop early: it would not be used).
+  with concurrent.futures.ThreadPoolExecutor(1) as background:
+    central = (background.submit(prepare_central, config, model, split, key.coords, central_rng)
+               if config.central_baseline and stop_after_round is None else None)
+    result = train_federated(config, workdir, algo, init_variables(model, split.n_features, init_rng),
+                             client_data(split, config.key_version), coords, rng=server_rng, resume=resume,
+                             stop_after_round=stop_after_round, show_progress=show_progress,
+                             extra_metrics=validation_metrics(config, model, split, coords),
+                             select=validation_score(config))
+    if stopped := stopped_early(result, config):
+      return stopped
+    central = None if central is None else central.result()
 
   variables = global_variables(result.best_or_last)
   test = {name: evaluate(model, variables, split.test_x, split.test_y, split.n_classes, c)
@@ -277,7 +348,8 @@ def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = F
       "config": dataclasses.asdict(config),
   }
   if config.central_baseline:
-    summary["central_right_key_test"] = train_central(config, model, split, key.coords, central_rng)
+    summary["central_right_key_test"] = train_central(config, model, split, key.coords, central_rng,
+                                                      prepared=central)
   return write_summary(workdir, summary)
 
 

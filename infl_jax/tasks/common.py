@@ -14,7 +14,7 @@ import numpy as np
 from infl_jax import keys as keylib
 from infl_jax.config import TrainConfig
 from infl_jax.federated import (ClientData, FederatedAlgorithm, RoundsResult, RunDir, ServerState, client_mesh,
-                                run_rounds, shard_clients)
+                                jit_round, run_rounds, shard_clients)
 from runkit.errors import CheckpointError, UserInputError
 from runkit.metrics_log import write_json_atomic
 
@@ -82,7 +82,7 @@ def train_federated(config: TrainConfig, workdir, algo: FederatedAlgorithm, vari
                    fingerprint_defaults=defaults, resume=resume)
   should_stop = None if stop_after_round is None else (lambda _, done: done >= stop_after_round)
   try:
-    return run_rounds(jax.jit(algo.round), state, clients, context, rounds=config.rounds, run_dir=run_dir,
+    return run_rounds(jit_round(algo.round), state, clients, context, rounds=config.rounds, run_dir=run_dir,
                       extra_metrics=extra_metrics, should_stop=should_stop, select=select,
                       show_progress=show_progress)
   except CheckpointError as error:
