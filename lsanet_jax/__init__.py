@@ -6,6 +6,6 @@ Import the pieces into your own Flax code:
   from lsanet_jax.lsa import LayerSelectiveAttention   # the LSA fusion module alone
   from lsanet_jax.losses import lsanet_loss, knowledge_synergy_loss, dynamic_aux_weights
   from lsanet_jax.metrics import evaluate               # official MedMNIST ACC/AUC
-  from lsanet_jax.data import load_medmnist
+  from lsanet_jax.data import load_medmnist, load_own_data  # MedMNIST npz; your npz or image folder
 """
 __version__ = "0.1.0"

@@ -13,9 +13,11 @@ from runkit.config import check_ranges, option
 
 from lsanet_jax.backbones import ATTENTION_KINDS, BACKBONES, backbone_spec
 from lsanet_jax.data.medmnist import DEFAULT_ROOT, INFO, SIZES, check_flag
+from lsanet_jax.data.own_data import TASKS as OWN_TASKS
+from lsanet_jax.data.tfds_builder import DEFAULT_DATA_DIR as DEFAULT_TFDS_DATA_DIR
 from lsanet_jax.models import AUX_KINDS, resolve_aux_stages
 
-__all__ = ["ABLATION_SWITCHES", "EPOCH_LOOPS", "VARIANTS", "TrainConfig"]
+__all__ = ["ABLATION_SWITCHES", "EPOCH_LOOPS", "EVAL_IMAGES_PER_TRAIN_IMAGE", "SOURCES", "VARIANTS", "TrainConfig"]
 
 # The ablation ladder: plain backbone -> + deep supervision -> + LSA (with dynamic aux weights)
 # -> + knowledge synergy (= LSANet).
@@ -29,14 +31,39 @@ ABLATION_SWITCHES = tuple(VARIANTS["lsanet"])
 EPOCH_LOOPS = ("auto", "scan", "host")  # see lsanet_jax.steps.resolve_epoch_loop
 
 _BY_VARIANT = "set by --variant"
+SOURCES = ("npz", "tfds")
+# eval_every=0 (auto) validates every N epochs, the smallest N for which the run's evaluation images (each
+# validation pass, one test pass) number at most this many times its training images (epochs x labelled
+# images). A training image costs a forward and a backward pass of every branch, an evaluation image a
+# forward pass: 2.8x (width 1) to 7x (width 1/4) apart on CPU (docs/lsanet.md, "Evaluation cadence"), so
+# evaluation then takes at most about 0.5 / (2.8 + 0.5) = 15% of the run.
+EVAL_IMAGES_PER_TRAIN_IMAGE = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   # The field order is the order of summary.json's "config".
   flag: str = option("pathmnist", f"dataset: {', '.join(INFO)} ('digits' = scikit-learn's digits in MedMNIST "
-                     "format, not medical)", group="data")
+                     "format, not medical)", group="data", default_help="pathmnist; none with --data")
   root: str = option(DEFAULT_ROOT, "folder holding {flag}.npz / {flag}_{size}.npz", group="data", resume=False)
+  # Own data is named by its path (there is no flag to name it), so the path is part of the resume check.
+  data: str = option("", "your own data instead of --flag: an npz in MedMNIST's layout (train_/val_/test_images "
+                     "and _labels) or a folder of PNG/JPEG images in class subfolders (DIR/<class>/ or "
+                     "DIR/train|val|test/<class>/; a split without its folder is drawn from the training "
+                     "images: 10%% val, 20%% test per class); images resized to --size", group="data",
+                     default_help="none")
+  task: str = option("", "task of --data", group="data", choices=("", *OWN_TASKS),
+                     default_help="inferred: multi-label for (N, K>1) 0/1 labels, binary-class for 2 classes, "
+                     "else multi-class")
+  num_classes: int = option(0, "class count of --data (labels 0..C-1)", group="data", minimum=0,
+                            default_help="inferred: 1 + the largest label, or the number of class folders")
+  # How the same MedMNIST data reach the run does not change what it trains on (the TFDS reader keeps
+  # the npz's row order), so a run may resume from the other source.
+  source: str = option("npz", "where --flag is read: the npz in --root, or the TFDS dataset in --tfds-data-dir "
+                       "(built there from --root's npz if missing; tensorflow-datasets, no TensorFlow)",
+                       group="data", choices=SOURCES, resume=False)
+  tfds_data_dir: str = option(DEFAULT_TFDS_DATA_DIR, "TFDS data folder for --source tfds", group="data",
+                              resume=False)
   size: int = option(28, "image size in pixels", group="data", choices=SIZES)
   backbone: str = option("resnet18", "the CNN the branches are built from", group="model", choices=BACKBONES)
   attention: str = option("none", "attention module in every block", group="model", choices=ATTENTION_KINDS)
@@ -60,11 +87,21 @@ class TrainConfig:
   learning_rate: float = option(1e-3, "Adam step size, x0.1 after half and after three quarters of the epochs",
                                 flag="--lr", group="training", above=0)
   # The bounds of numpy's and scikit-learn's seeds (the label subset, the digits split).
-  seed: int = option(0, "seed of the label subset, the digits split, initialisation and batches", group="training",
-                     minimum=0, maximum=2**32 - 1)
+  seed: int = option(0, "seed of initialisation and batches, and of the data draws unless --label-seed is given",
+                     group="training", minimum=0, maximum=2**32 - 1)
+  label_seed: int | None = option(None, "seed of the data draws: the labelled subset (--label-fraction), the "
+                                  "digits split and the splits drawn for a --data folder; fix it to vary only "
+                                  "initialisation and batches with --seed", group="training", minimum=0,
+                                  maximum=2**32 - 1, default_help="--seed")
   augment: bool = option(False, "random flips and padded crops", group="training", const=True)
   bf16: bool = option(False, "bfloat16 compute (parameters stay float32)", group="training", const=True)
   as_rgb: bool = option(False, "repeat grey images to 3 channels", group="data", const=True)
+  eval_every: int = option(0, "validate every N epochs and at the last epoch (the best validation epoch is "
+                           "kept; test is scored once, with its weights); 0 = auto: the smallest N for which the run's "
+                           f"validation and test images number at most {EVAL_IMAGES_PER_TRAIN_IMAGE:g} x its training "
+                           "images (epochs x labelled images), so that evaluation stays a small part of "
+                           "low-label runs", group="training", minimum=0,
+                           default_help="0 = auto")
   # Part of the resume check: another evaluation batch shape may round the scores differently.
   eval_batch_size: int = option(512, "images per evaluation batch", group="training", minimum=1, cli=False)
   epoch_loop: str = option("auto", "one lax.scan-compiled function per epoch (scan), or a jit-compiled step "
@@ -84,9 +121,12 @@ class TrainConfig:
 
     Switching LSA off by hand also switches off the dynamic auxiliary weights that come from it, and
     switching the auxiliary branches off also switches off knowledge synergy, unless those are set too.
+    Own data (``data=PATH``) leaves ``flag`` empty unless it is set (validate then refuses the pair).
     """
     if variant not in VARIANTS:
       raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if settings.get("data") and "flag" not in settings:
+      settings = {**settings, "flag": ""}  # own data replaces the default MedMNIST flag
     switches = {**VARIANTS[variant], **{k: v for k, v in settings.items() if k in ABLATION_SWITCHES}}
     if not switches["lsa"] and "dynamic_aux_weights" not in settings:
       switches["dynamic_aux_weights"] = False
@@ -97,6 +137,23 @@ class TrainConfig:
   @property
   def resolved_stem(self) -> str:
     return self.stem or ("28" if self.size == 28 else "224")
+
+  @property
+  def data_seed(self) -> int:
+    """The seed of the data draws (labelled subset, drawn splits): --label-seed, else --seed."""
+    return self.seed if self.label_seed is None else self.label_seed
+
+  def validation_interval(self, num_train: int, num_val: int, num_test: int) -> int:
+    """--eval-every, or its auto value for these split sizes (see EVAL_IMAGES_PER_TRAIN_IMAGE); validation
+    also runs at the last epoch, so N >= --epochs validates only there."""
+    if self.eval_every:
+      return self.eval_every
+    budget = EVAL_IMAGES_PER_TRAIN_IMAGE * self.epochs * num_train - num_test
+    for every in range(1, self.epochs):
+      passes = self.epochs // every + (self.epochs % every != 0)
+      if passes * num_val <= budget:
+        return every
+    return self.epochs
 
   @property
   def selection_head(self) -> str:
@@ -111,7 +168,7 @@ class TrainConfig:
       if allowed is not None and value not in allowed:
         raise ValueError(f"unknown {field.name.replace('_', ' ')} {value!r}; choose one of "
                          f"{', '.join(map(repr, allowed))}")
-    check_flag(self.flag)
+    self._validate_data()
     if self.lsa and self.aux == "none":
       raise ValueError("LSA fuses the auxiliary branches with the main one: use --aux dks (or light) "
                        "with --lsa, or pass --no-lsa")
@@ -126,3 +183,20 @@ class TrainConfig:
       resolve_aux_stages(self.aux, self.aux_stages, spec.num_stages)
     except ValueError as e:
       raise ValueError(f"--aux-stages: {e}") from None
+
+  def _validate_data(self) -> None:
+    """--flag or --data, and the options that go with each."""
+    if self.data:
+      if self.flag:
+        raise ValueError(f"--data and --flag both name a data set; drop --flag {self.flag} to train on --data "
+                         "(in Python: TrainConfig(data=..., flag=''))")
+      if self.source != "npz":
+        raise ValueError("--source tfds reads a MedMNIST --flag; --data is read directly: drop --source")
+      if self.num_classes == 1:
+        raise ValueError("--num-classes must be at least 2 (or 0 to infer it)")
+      return
+    if check_flag(self.flag).get("builtin") and self.source == "tfds":
+      raise ValueError(f"--source tfds reads the 12 MedMNIST data sets; {self.flag!r} is built in: drop --source")
+    for name in ("task", "num_classes"):
+      if getattr(self, name):
+        raise ValueError(f"--{name.replace('_', '-')} describes --data; a MedMNIST --flag has its own")

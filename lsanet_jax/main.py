@@ -1,12 +1,16 @@
-"""`lsanet-train`: train LSANet or one of its ablations on a MedMNIST dataset.
+"""`lsanet-train`: train LSANet or one of its ablations on a MedMNIST dataset or your own images.
 
   lsanet-train --flag bloodmnist --workdir runs/blood             # LSANet, ResNet-18, official recipe
   lsanet-train --flag digits --epochs 8 --width 0.125 --workdir runs/digits   # no MedMNIST needed
+  lsanet-train --data my_images/ --workdir runs/mine              # your own images: DIR/<class>/*.png
+  lsanet-train --data my_set.npz --workdir runs/mine              # or an npz in MedMNIST's layout
+  lsanet-train --flag bloodmnist --source tfds --tfds-data-dir ~/tensorflow_datasets --workdir runs/b
   lsanet-train ... --variant plain|ds|ds_lsa|lsanet               # the ablation ladder
   lsanet-train ... --resume                                       # continue an interrupted run
 
-Outputs in --workdir: metrics.jsonl (one line per epoch), summary.json (test ACC/AUC of every
-head at the best validation epoch), curves.png, lsa_weights.png, checkpoints/ (orbax).
+Outputs in --workdir: metrics.jsonl (one line per epoch; validation scores every --eval-every epochs),
+summary.json (test ACC/AUC of every head at the best validation epoch, the data's source and seeds),
+curves.png, lsa_weights.png, checkpoints/ (orbax).
 """
 from __future__ import annotations
 
@@ -21,12 +25,14 @@ from runkit.errors import UserInputError
 from lsanet_jax import steps, train
 from lsanet_jax.config import VARIANTS, TrainConfig
 from lsanet_jax.data.medmnist import INFO
+from lsanet_jax.data.own_data import TASKS as OWN_TASKS
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = ArgumentParser(
       prog="lsanet-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  groups = add_config_arguments(parser, TrainConfig)
+  # --task lists the tasks only; its empty default (infer from the labels) is no value to type.
+  groups = add_config_arguments(parser, TrainConfig, choices={"task": list(OWN_TASKS)})
   groups["data"].add_argument("--download", action="store_true",
                               help="fetch the npz from Zenodo (MD5-verified) if it is not in --root")
   groups["data"].add_argument("--download-url-template", default=None,
@@ -45,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
   """The --variant preset with the settings given on the command line, validated."""
-  config = TrainConfig.for_variant(args.variant, **set_fields(TrainConfig, args))
   try:
+    config = TrainConfig.for_variant(args.variant, **set_fields(TrainConfig, args))
     config.validate()
   except ValueError as e:
     raise UserInputError(str(e)) from None
@@ -61,6 +67,8 @@ def run(argv=None) -> dict | None:
     raise UserInputError("--stop-after-epochs must be at least 1")
   if config.data_parallel:
     steps.data_parallel_mesh(config.batch_size)  # refuses an indivisible batch before anything is written
+  if args.download and config.data:
+    raise UserInputError("--download fetches a MedMNIST --flag; --data is your own file or folder: drop --download")
   if args.download and not INFO[config.flag].get("builtin"):
     from lsanet_jax.data.download import ZENODO_URL_TEMPLATE, download_medmnist
     download_medmnist(config.flag, config.root, config.size,

@@ -2,7 +2,8 @@
 the data-parallel mesh they can be split over.
 
 The data live on the device; one jit-compiled function runs a whole epoch (lax.scan over batches,
-or a jit-compiled step driven from Python on CPU) and one predicts val+test for every head.
+or a jit-compiled step driven from Python on CPU) and one scores every head on a range of evaluation
+batches (validation or test).
 """
 from __future__ import annotations
 
@@ -175,25 +176,32 @@ def make_train_epoch(model, tx, config: TrainConfig, task: str, num_train: int,
   return train_epoch, steps
 
 
-def make_predict(model, task: str, num_images: int, eval_batch_size: int, mesh: Mesh | None = None):
-  """jit(variables, images) -> {head: probabilities (N, C)} in eval mode, batched by lax.map.
+def make_predict(model, task: str, batch_size: int, max_batches: int, mesh: Mesh | None = None):
+  """jit(variables, images, first_batch, num_batches) -> {head: probabilities (max_batches * batch_size, C)}:
+  every head scored in eval mode, in one pass over the batches first_batch .. first_batch + num_batches - 1
+  of images (rows batch_size * first_batch onwards; pad each split to whole batches). Rows past
+  num_batches * batch_size are zeros.
 
-  With a mesh, each evaluation batch is split over its devices when it divides evenly."""
-  batch = min(eval_batch_size, num_images)
-  num_batches = math.ceil(num_images / batch)
+  The batch range is an argument, not a shape, so validation and test (of different sizes) share one
+  compiled function; the loop runs only the batches asked for. With a mesh, each batch is split over its
+  devices when it divides evenly."""
   activation = jax.nn.sigmoid if task == MULTI_LABEL else jax.nn.softmax
-  shard = batch_sharder(mesh if mesh is not None and batch % mesh.size == 0 else None)
+  shard = batch_sharder(mesh if mesh is not None and batch_size % mesh.size == 0 else None)
+
+  def one(variables, xb):
+    logits = model.apply(variables, preprocess(shard(xb)), train=False)["logits"]
+    return {k: activation(v) for k, v in logits.items()}
 
   @jax.jit
-  def predict(variables, images):
-    padded = jnp.resize(images, (num_batches * batch, *images.shape[1:]))
-    padded = padded.reshape(num_batches, batch, *images.shape[1:])
+  def predict(variables, images, first_batch, num_batches):
+    shapes = jax.eval_shape(one, variables, images[:batch_size])
+    out = {k: jnp.zeros((max_batches, *v.shape), v.dtype) for k, v in shapes.items()}
 
-    def one(xb):
-      logits = model.apply(variables, preprocess(shard(xb)), train=False)["logits"]
-      return {k: activation(v) for k, v in logits.items()}
+    def body(i, out):
+      xb = jax.lax.dynamic_slice_in_dim(images, (first_batch + i) * batch_size, batch_size)
+      return {k: out[k].at[i].set(v) for k, v in one(variables, xb).items()}
 
-    probs = jax.lax.map(one, padded)
-    return {k: v.reshape(num_batches * batch, -1)[:num_images] for k, v in probs.items()}
+    out = jax.lax.fori_loop(0, num_batches, body, out)
+    return {k: v.reshape(max_batches * batch_size, -1) for k, v in out.items()}
 
   return predict

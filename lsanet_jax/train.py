@@ -31,6 +31,7 @@ from lsanet_jax import plots
 from lsanet_jax.backbones import count_params
 from lsanet_jax.config import TrainConfig
 from lsanet_jax.data.medmnist import MedMNISTData, label_fraction_subset, load_medmnist
+from lsanet_jax.data.own_data import load_own_data
 from lsanet_jax.models import LSANet
 from lsanet_jax.steps import data_parallel_mesh, make_predict, make_train_epoch, replicate, steps_per_epoch
 
@@ -115,30 +116,56 @@ def param_summary(state) -> dict:
   return {"total": count_params(params), **per_part}
 
 
-def device_data(data: MedMNISTData, train_rows: np.ndarray, mesh=None) -> dict:
-  """The training rows and val+test images moved to the device once (to every device of mesh)."""
+def load_data(config: TrainConfig) -> MedMNISTData:
+  """The run's data: --data (own npz or image folder), --flag from the TFDS dataset, or --flag's npz."""
+  if config.data:
+    return load_own_data(config.data, config.size, as_rgb=config.as_rgb, task=config.task,
+                         num_classes=config.num_classes, seed=config.data_seed)
+  if config.source == "tfds":
+    from lsanet_jax.data.tfds_builder import load_tfds  # imports tensorflow_datasets only when called
+    return load_tfds(config.flag, config.size, config.tfds_data_dir, manual_dir=config.root, as_rgb=config.as_rgb)
+  return load_medmnist(config.flag, config.root, config.size, as_rgb=config.as_rgb, seed=config.data_seed)
+
+
+def device_data(data: MedMNISTData, train_rows: np.ndarray, eval_batch_size: int, mesh=None) -> dict:
+  """The training rows and the val and test images moved to the device once (to every device of mesh).
+
+  Val and test lie in one array, each padded to whole evaluation batches, so one compiled prediction
+  function scores either (make_predict's batch range)."""
   put = jax.device_put if mesh is None else functools.partial(replicate, mesh=mesh)
+  batch = min(eval_batch_size, max(data.val_images.shape[0], data.test_images.shape[0]))
+  blocks, splits, first = [], {}, 0
+  for split in ("val", "test"):
+    images, labels = data.split(split)
+    num_batches = math.ceil(images.shape[0] / batch)
+    padding = np.zeros((num_batches * batch - images.shape[0], *images.shape[1:]), images.dtype)
+    blocks += [images, padding]
+    splits[split] = {"first_batch": first, "num_batches": num_batches, "labels": labels}
+    first += num_batches
   return {
       "train": (put(data.train_images[train_rows]), put(data.train_labels[train_rows])),
-      "eval_images": put(np.concatenate([data.val_images, data.test_images])),
-      "num_val": data.val_images.shape[0],
-      "val_labels": data.val_labels,
-      "test_labels": data.test_labels,
+      "eval_images": put(np.concatenate(blocks)),
+      "eval_batch": batch,
+      "max_eval_batches": max(s["num_batches"] for s in splits.values()),
+      "splits": splits,
   }
 
 
-def evaluate_heads(probs: dict, labels: np.ndarray, task: str) -> dict:
-  return {head: official_metrics.evaluate(labels, np.asarray(p), task) for head, p in probs.items()}
+def evaluate(predict, variables: dict, on_device: dict, split: str, task: str) -> dict:
+  """{head: {acc, auc}} of variables on split ("val" or "test"), every head from one pass."""
+  where = on_device["splits"][split]
+  probs = predict(variables, on_device["eval_images"], where["first_batch"], where["num_batches"])
+  labels = where["labels"]
+  return {head: official_metrics.evaluate(labels, np.asarray(p)[:labels.shape[0]], task)
+          for head, p in probs.items()}
 
 
-def evaluate(predict, state, on_device: dict, task: str) -> tuple[dict, dict]:
-  """({head: {acc, auc}} on val, the same on test) of the current weights."""
-  probs = predict({"params": state["params"], "batch_stats": state["batch_stats"]}, on_device["eval_images"])
-  probs = {k: np.asarray(v) for k, v in probs.items()}
-  num_val = on_device["num_val"]
-  val = evaluate_heads({k: v[:num_val] for k, v in probs.items()}, on_device["val_labels"], task)
-  test = evaluate_heads({k: v[num_val:] for k, v in probs.items()}, on_device["test_labels"], task)
-  return val, test
+def current_variables(state) -> dict:
+  return {"params": state["params"], "batch_stats": state["batch_stats"]}
+
+
+def best_variables(state) -> dict:
+  return {"params": state["best_params"], "batch_stats": state["best_batch_stats"]}
 
 
 def keep_best(state) -> dict:
@@ -152,25 +179,31 @@ def _better(new, old) -> bool:
   return new > old
 
 
-def epoch_record(epoch: int, lr: float, train_metrics: dict, val: dict, test: dict, best_epoch: int,
-                 seconds: float) -> dict:
-  """One line of metrics.jsonl."""
+def epoch_record(epoch: int, lr: float, train_metrics: dict, val: dict | None, best_epoch: int,
+                 times: dict) -> dict:
+  """One line of metrics.jsonl; validation scores only on validation epochs."""
   return {"epoch": epoch, "lr": lr, **{k: float(v) for k, v in train_metrics.items()},
-          **{f"val_{m}_{h}": r[m] for h, r in val.items() for m in ("acc", "auc")},
-          **{f"test_{m}_{h}": r[m] for h, r in test.items() for m in ("acc", "auc")},
-          "best_epoch": best_epoch, "epoch_time_s": seconds}
+          **{f"val_{m}_{h}": r[m] for h, r in (val or {}).items() for m in ("acc", "auc")},
+          "best_epoch": best_epoch, **times}
 
 
-def run_summary(config: TrainConfig, data: MedMNISTData, state, best: dict, *, variant: str | None,
-                num_train: int, seconds: float) -> dict:
+def run_summary(config: TrainConfig, data: MedMNISTData, state, best: dict, test: dict, *, variant: str | None,
+                num_train: int, validation_interval: int, seconds: float) -> dict:
   """summary.json: every head's scores at the best epoch, with what produced them."""
   return {
-      "dataset": config.flag, "task": data.task, "data_source": data.source,
+      "dataset": config.flag or data.flag, "task": data.task, "data_source": data.source,
+      "data": {"kind": data.source_kind, "path": data.source, "task": data.task, "n_classes": data.n_classes,
+               "image_shape": list(data.train_images.shape[1:]),
+               "split_sizes": {s: int(data.split(s)[0].shape[0]) for s in ("train", "val", "test")},
+               **{k: v for k, v in data.details.items() if k not in ("kind", "path")}},
       "variant": variant, "config": dataclasses.asdict(config),
+      "seeds": {"init_and_batches": config.seed, "data_draws": config.data_seed,
+                "label_seed_given": config.label_seed is not None},
       "selection_head": config.selection_head, "best_epoch": best["epoch"],
-      "heads": {h: {"test_acc": best["test"][h]["acc"], "test_auc": best["test"][h]["auc"],
+      "validation_interval": validation_interval,
+      "heads": {h: {"test_acc": test[h]["acc"], "test_auc": test[h]["auc"],
                     "val_acc": best["val"][h]["acc"], "val_auc": best["val"][h]["auc"]}
-                for h in best["test"]},
+                for h in test},
       "num_train": num_train,
       "params": param_summary(state),
       "backend": jax.default_backend(),
@@ -178,13 +211,39 @@ def run_summary(config: TrainConfig, data: MedMNISTData, state, best: dict, *, v
   }
 
 
+def run_epoch(config: TrainConfig, epoch: int, state, best: dict | None, *, train_epoch, predict, on_device: dict,
+              task: str, schedule, validate: bool) -> tuple[dict, dict | None, dict]:
+  """One epoch: train, validate when asked (keeping the weights of the best validation AUC), and the
+  epoch's metrics.jsonl line with the seconds spent training and evaluating."""
+  started = time.perf_counter()
+  state, train_metrics = train_epoch(state, *on_device["train"], epoch_key(config.seed, epoch))
+  train_metrics = jax.device_get(train_metrics)  # waits for the epoch, so the two times below are apart
+  trained = time.perf_counter()
+  val = None
+  if validate:
+    val = evaluate(predict, current_variables(state), on_device, "val", task)
+    head = config.selection_head
+    if best is None or _better(val[head]["auc"], best["val"][head]["auc"]):
+      best = {"epoch": epoch, "val": val}
+      state = keep_best(state)
+  finished = time.perf_counter()
+  times = {"train_time_s": trained - started, "eval_time_s": finished - trained, "epoch_time_s": finished - started}
+  record = epoch_record(epoch, float(schedule(int(state["step"]) - 1)), train_metrics, val,
+                        best["epoch"] if best else None, times)
+  return state, best, record
+
+
 def train_and_evaluate(config: TrainConfig, workdir, *, variant: str | None = None, resume: bool = False,
                        stop_after_epochs: int | None = None, show_progress: bool | None = None) -> dict | None:
-  """Trains config.flag in workdir and returns the summary (None when stopped before the last epoch).
+  """Trains on config's data in workdir and returns the summary (None when stopped before the last epoch).
 
   Writes metrics.jsonl (one line per epoch), checkpoints/ (the whole state after every epoch),
   and after the last epoch curves.png, lsa_weights.png and summary.json (every head's scores at
   the epoch with the best validation AUC of config.selection_head).
+
+  Validation runs every config.validation_interval(...) epochs (--eval-every) and at the last epoch;
+  the best validation epoch's weights are kept in the state, and the test split is scored once, with
+  them, after the last epoch.
 
   Resuming (resume=True) continues the run in workdir, in this order:
     1. the newest checkpoint must come from a run with the same settings (every TrainConfig field
@@ -202,9 +261,10 @@ def train_and_evaluate(config: TrainConfig, workdir, *, variant: str | None = No
   started = time.perf_counter()
   config.validate()
   workdir = pathlib.Path(workdir)
-  data = load_medmnist(config.flag, config.root, config.size, as_rgb=config.as_rgb, seed=config.seed)
-  train_rows = label_fraction_subset(data.train_labels, config.label_fraction, config.seed, data.task)
+  data = load_data(config)
+  train_rows = label_fraction_subset(data.train_labels, config.label_fraction, config.data_seed, data.task)
   num_train = len(train_rows)
+  interval = config.validation_interval(num_train, data.val_images.shape[0], data.test_images.shape[0])
   mesh = data_parallel_mesh(config.batch_size, num_train=num_train) if config.data_parallel else None
   model = build_model(config, data.n_classes)
   schedule = learning_rate_schedule(config, steps_per_epoch(config.batch_size, num_train))
@@ -220,33 +280,30 @@ def train_and_evaluate(config: TrainConfig, workdir, *, variant: str | None = No
     last_epoch = config.epochs
     if stop_after_epochs is not None:
       last_epoch = min(last_epoch, start_epoch - 1 + stop_after_epochs)
-    on_device = device_data(data, train_rows, mesh)
+    on_device = device_data(data, train_rows, config.eval_batch_size, mesh)
     train_epoch, _ = make_train_epoch(model, tx, config, data.task, num_train, config.epoch_loop, mesh)
-    predict = make_predict(model, data.task, on_device["eval_images"].shape[0], config.eval_batch_size, mesh)
+    predict = make_predict(model, data.task, on_device["eval_batch"], on_device["max_eval_batches"], mesh)
     state = replicate(state, mesh)
-    bar = progress(total=config.epochs, initial=start_epoch - 1, desc=f"{config.flag} {variant or ''}".strip(),
+    bar = progress(total=config.epochs, initial=start_epoch - 1, desc=f"{data.flag} {variant or ''}".strip(),
                    disable=None if show_progress is None else not show_progress)
     with MetricsWriter(workdir, resume_from_step=start_epoch - 1 if resume else None) as writer, bar:
       for epoch in range(start_epoch, last_epoch + 1):
-        epoch_started = time.perf_counter()
-        state, train_metrics = train_epoch(state, *on_device["train"], epoch_key(config.seed, epoch))
-        val, test = evaluate(predict, state, on_device, data.task)
-        if best is None or _better(val[config.selection_head]["auc"], best["val"][config.selection_head]["auc"]):
-          best = {"epoch": epoch, "val": val, "test": test}
-          state = keep_best(state)
-        record = epoch_record(epoch, float(schedule(int(state["step"]) - 1)), train_metrics, val, test,
-                              best["epoch"], time.perf_counter() - epoch_started)
+        state, best, record = run_epoch(config, epoch, state, best, train_epoch=train_epoch, predict=predict,
+                                        on_device=on_device, task=data.task, schedule=schedule,
+                                        validate=epoch == config.epochs or epoch % interval == 0)
         writer.write(epoch, record)
         checkpointer.save(epoch, state_to_checkpoint(state), extra={"epoch": epoch, "best": best}, force=True)
         bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", val_auc=f"{record[f'val_auc_{config.selection_head}']:.4f}")
+        if best is not None:
+          bar.set_postfix(loss=f"{record['loss']:.4f}", best_val_auc=f"{best['val'][config.selection_head]['auc']:.4f}")
   if last_epoch < config.epochs:
     print(f"stopped after epoch {last_epoch} of {config.epochs}; continue with --resume", file=sys.stderr)
     return None
+  test = evaluate(predict, best_variables(state), on_device, "test", data.task)
   rows = read_metrics(workdir / "metrics.jsonl")
   plots.plot_training_curves(rows, workdir / "curves.png")
   plots.plot_lsa_weights(rows, workdir / "lsa_weights.png")
-  summary = run_summary(config, data, state, best, variant=variant, num_train=num_train,
-                        seconds=time.perf_counter() - started)
+  summary = run_summary(config, data, state, best, test, variant=variant, num_train=num_train,
+                        validation_interval=interval, seconds=time.perf_counter() - started)
   write_json_atomic(workdir / "summary.json", summary)
   return summary

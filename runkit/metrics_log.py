@@ -1,16 +1,18 @@
-"""metrics.jsonl (one line per round or epoch) and atomically written JSON summaries."""
+"""metrics.jsonl (one line per round or epoch), atomically written JSON summaries and data files."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import pathlib
-import tempfile
+import secrets
+from typing import IO, Iterator
 
 import numpy as np
 
-__all__ = ["MetricsWriter", "read_metrics", "to_jsonable", "write_json_atomic"]
+__all__ = ["MetricsWriter", "atomic_write", "read_metrics", "to_jsonable", "write_json_atomic"]
 
 
 def to_jsonable(obj):
@@ -31,20 +33,36 @@ def to_jsonable(obj):
   return obj
 
 
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "w", *, fsync: bool = False) -> Iterator[IO]:
+  """Yields a file opened in ``mode`` that replaces ``path`` when the block ends without error (and is
+  removed when it raises), so a reader never meets a half-written file.
+
+  The file gets the permissions a plain ``open`` gives it (0o666 less the umask). ``tempfile.mkstemp``
+  made every file owner-only, so data and summaries written for a group could not be read by it. Secrets
+  (INFL key files) are written by their own code, owner-only.
+  """
+  path = pathlib.Path(path)
+  tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+  try:
+    with os.fdopen(fd, mode) as f:
+      yield f
+      f.flush()
+      if fsync:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+
+
 def write_json_atomic(path, obj) -> None:
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(to_jsonable(obj), f, indent=2, sort_keys=False)
-      f.write("\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
+  with atomic_write(path, "w", fsync=True) as f:
+    json.dump(to_jsonable(obj), f, indent=2, sort_keys=False)
+    f.write("\n")
 
 
 def read_metrics(path) -> list[dict]:
@@ -94,8 +112,5 @@ class MetricsWriter:
 
 
 def write_text_atomic(path, text: str) -> None:
-  path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
+  with atomic_write(path, "w") as f:
     f.write(text)
-  os.replace(tmp, path)

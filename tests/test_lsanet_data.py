@@ -2,6 +2,7 @@
 import functools
 import hashlib
 import http.server
+import os
 import threading
 
 import numpy as np
@@ -158,12 +159,42 @@ def test_official_md5_table_is_complete():
   assert len([f for f in INFO if not INFO[f].get("builtin")]) == 12
 
 
-def test_tfds_builder_reads_the_manual_folder(tmp_path):
+def test_tfds_builder_reads_the_manual_folder_of_all_twelve(tmp_path):
+  """Each of the 12 MedMNIST sets built from a manual folder of tiny npz files (without TensorFlow: the
+  builder writes ArrayRecord files) reads back as exactly the npz's arrays, in the npz's order."""
   tfds = pytest.importorskip("tensorflow_datasets")
-  from lsanet_jax.data.tfds_builder import builder_class
-  write_medmnist_npz(tmp_path / "manual" / "bloodmnist.npz", fake_arrays("bloodmnist"))
+  from lsanet_jax.data.tfds_builder import builder_class, load_tfds
+  for flag in (f for f in INFO if f != "digits"):
+    write_medmnist_npz(tmp_path / "manual" / npz_filename(flag), fake_arrays(flag, n=(6, 3, 4)))
   builder = builder_class()(config="bloodmnist_28", data_dir=str(tmp_path / "tfds"))
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "manual")))
-  examples = list(builder.as_dataset(split="val").as_numpy_iterator())
-  assert len(examples) == 6 and examples[0]["image"].shape == (28, 28, 3)
+  examples = builder.as_data_source(split="val")
+  assert len(examples) == 3 and examples[0]["image"].shape == (28, 28, 3) and examples[0]["image"].dtype == np.uint8
+  for flag in (f for f in INFO if f != "digits"):
+    data = load_tfds(flag, 28, tmp_path / "tfds", manual_dir=tmp_path / "manual")
+    npz = load_medmnist(flag, tmp_path / "manual")
+    assert data.source_kind == "tfds" and data.task == npz.task, flag
+    for split in ("train", "val", "test"):
+      np.testing.assert_array_equal(data.split(split)[0], npz.split(split)[0], err_msg=flag)
+      np.testing.assert_array_equal(data.split(split)[1], npz.split(split)[1], err_msg=flag)
+
+
+def test_tfds_needs_the_npz_to_build_from(tmp_path):
+  pytest.importorskip("tensorflow_datasets")
+  from lsanet_jax.data.tfds_builder import load_tfds
+  with pytest.raises(MedMNISTError, match=r"holds no built breastmnist_28 and .*breastmnist.npz is not there"):
+    load_tfds("breastmnist", 28, tmp_path / "tfds", manual_dir=tmp_path / "manual")
+  with pytest.raises(MedMNISTError, match="--source npz"):
+    load_tfds("digits", 28, tmp_path / "tfds")
+
+
+def test_written_and_downloaded_files_get_the_umask_permissions(tmp_path, served_file):
+  src, md5 = served_file
+  old = os.umask(0o027)
+  try:
+    written = write_medmnist_npz(tmp_path / "w" / "breastmnist.npz", fake_arrays("breastmnist"))
+    fetched = download_medmnist("breastmnist", tmp_path / "d", url_template=src.as_uri() + "/{filename}", md5=md5)
+  finally:
+    os.umask(old)
+  assert written.stat().st_mode & 0o777 == 0o640 and fetched.stat().st_mode & 0o777 == 0o640

@@ -46,10 +46,9 @@ def digits_root(tmp_path_factory):
 
 
 def read_rows(workdir):
+  """metrics.jsonl without the seconds each epoch took (training, evaluation, both)."""
   rows = [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-  for r in rows:
-    r.pop("epoch_time_s")
-  return rows
+  return [{k: v for k, v in r.items() if not k.endswith("time_s")} for r in rows]
 
 
 def summary(workdir):
@@ -70,6 +69,7 @@ def test_lsanet_resnet18_learns_digits(digits_root, tmp_path):
   assert rc == 0
   s = summary(workdir)
   assert s["selection_head"] == "fused" and s["data_source"].endswith("digits.npz")
+  assert s["data"]["kind"] == "medmnist-npz" and s["validation_interval"] == 1
   assert set(s["heads"]) == {"aux1", "aux2", "main", "fused"}
   assert s["heads"]["fused"]["test_acc"] >= 0.90, s["heads"]
   assert s["heads"]["main"]["test_acc"] >= 0.90, s["heads"]
@@ -104,6 +104,11 @@ def test_every_rung_of_the_ablation_ladder_reports_every_head(ladder_runs):
     for h in heads:
       assert set(s["heads"][h]) == {"test_acc", "test_auc", "val_acc", "val_auc"}
     rows = read_rows(ladder_runs[variant])
+    # 126 labelled images against 180 validation and 360 test images: auto --eval-every validates at the
+    # last epoch only, and test is scored once, for the summary.
+    assert s["validation_interval"] == 3 and s["best_epoch"] == 3
+    assert [any(k.startswith("val_") for k in r) for r in rows] == [False, False, True]
+    assert not any(k.startswith("test_") for r in rows for k in r)
     assert ("loss_synergy" in rows[0]) == (variant == "lsanet")
     assert ("lsa_weight_main" in rows[0]) == (variant in ("ds_lsa", "lsanet"))
     if variant == "ds":
@@ -195,6 +200,7 @@ def test_help_lists_every_config_option(capsys):
       assert f"--no-{flag[2:]}" in help_text, flag
   for flag in ("--variant", "--download", "--download-url-template", "--workdir", "--resume", "--stop-after-epochs"):
     assert f"{flag} " in help_text, flag
+  assert "--label-seed" in help_text and "(default: --seed)" in help_text
 
 
 def test_variant_presets_and_the_switches_that_override_them():
@@ -217,10 +223,11 @@ def test_variant_presets_and_the_switches_that_override_them():
 def test_resume_check_covers_every_setting_that_changes_the_result():
   from runkit.config import resume_fingerprint
   fingerprint, defaults = resume_fingerprint(TrainConfig())
-  # Where the files lie, the device layout and how many checkpoints are kept do not change what is
-  # trained; everything else does (and checkpoints written before the config moved recorded the same set).
-  assert set(fingerprint) == {f.name for f in dataclasses.fields(TrainConfig)} - {"root", "data_parallel",
-                                                                                   "keep_checkpoints"}
+  # Where the files lie (and whether MedMNIST comes from its npz or the TFDS dataset built from it), the
+  # device layout and how many checkpoints are kept do not change what is trained; everything else does
+  # (and checkpoints written before the config moved recorded the same set).
+  assert set(fingerprint) == {f.name for f in dataclasses.fields(TrainConfig)} - {
+      "root", "source", "tfds_data_dir", "data_parallel", "keep_checkpoints"}
   assert set(defaults) == set(fingerprint)
 
 

@@ -8,11 +8,11 @@ download never leaves a file that looks valid.
 from __future__ import annotations
 
 import hashlib
-import os
 import pathlib
-import tempfile
 import urllib.error
 import urllib.request
+
+from runkit.metrics_log import atomic_write
 
 from lsanet_jax.data.medmnist import DEFAULT_ROOT, INFO, MedMNISTError, check_flag, npz_filename
 
@@ -56,23 +56,20 @@ def download_medmnist(flag: str, root=DEFAULT_ROOT, size: int = 28, *,
     raise DownloadError(f"{dest} exists but its MD5 is not the official {expected}; delete it "
                         "(or pass overwrite=True / --download-overwrite) to download it again")
   url = url_template.format(filename=filename)
-  fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{filename}.", suffix=".part")
-  try:
+  # Written beside dest and renamed into place only when the checksum matches (a mismatch raises
+  # inside the block, which removes the partial file).
+  with atomic_write(dest, "wb") as out:
     digest = hashlib.md5()
-    with os.fdopen(fd, "wb") as out:
-      try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-          for chunk in iter(lambda: response.read(1 << 20), b""):
-            digest.update(chunk)
-            out.write(chunk)
-      except (urllib.error.URLError, OSError, ValueError) as e:
-        raise DownloadError(f"could not download {url} ({e}); check the network or pass another "
-                            f"url template (a mirror or file:// folder holding {filename})") from e
+    try:
+      with urllib.request.urlopen(url, timeout=timeout) as response:
+        for chunk in iter(lambda: response.read(1 << 20), b""):
+          digest.update(chunk)
+          out.write(chunk)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+      raise DownloadError(f"could not download {url} ({e}); check the network or pass another "
+                          f"url template (a mirror or file:// folder holding {filename})") from e
     got = digest.hexdigest()
     if got != expected:
       raise DownloadError(f"{url} has MD5 {got}, expected {expected}; the download is corrupted or "
                           "not the official file: nothing was written, try again or use another mirror")
-    os.replace(tmp, dest)
-  finally:
-    pathlib.Path(tmp).unlink(missing_ok=True)
   return dest

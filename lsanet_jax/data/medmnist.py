@@ -12,13 +12,12 @@ pipeline can be exercised on any machine.
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
-import tempfile
 
 import numpy as np
 
 from runkit.errors import UserInputError
+from runkit.metrics_log import atomic_write
 
 SPLITS = ("train", "val", "test")
 SIZES = (28, 64, 128, 224)
@@ -83,7 +82,11 @@ class MedMNISTError(UserInputError):
 
 @dataclasses.dataclass
 class MedMNISTData:
-  """Images uint8 (N, S, S, C); labels int32 (N, 1), or (N, 14) for ChestMNIST."""
+  """Images uint8 (N, S, S, C); labels int32 (N, 1), or (N, K) 0/1 for multi-label tasks (ChestMNIST: 14).
+
+  source: the file or folder read; source_kind: how ("medmnist-npz", "builtin", "tfds", "npz",
+  "image-folder"); details: what summary.json reports about the source beyond that (classes, drawn
+  splits, conversions)."""
   flag: str
   task: str
   n_classes: int
@@ -94,6 +97,8 @@ class MedMNISTData:
   test_images: np.ndarray
   test_labels: np.ndarray
   source: str = ""
+  source_kind: str = "medmnist-npz"
+  details: dict = dataclasses.field(default_factory=dict)
 
   def split(self, name):
     return getattr(self, f"{name}_images"), getattr(self, f"{name}_labels")
@@ -174,7 +179,7 @@ def load_medmnist(flag: str, root=DEFAULT_ROOT, size: int = 28, *, as_rgb: bool 
   if info.get("builtin") and not path.exists():
     if size != 28:
       raise MedMNISTError(f"the built-in {flag!r} data set exists at 28 px only; drop --size")
-    arrays, source = digits_as_medmnist(seed=seed), f"scikit-learn digits (seed {seed})"
+    arrays, source, kind = digits_as_medmnist(seed=seed), f"scikit-learn digits (seed {seed})", "builtin"
   else:
     if not path.exists():
       raise MedMNISTError(
@@ -187,8 +192,15 @@ def load_medmnist(flag: str, root=DEFAULT_ROOT, size: int = 28, *, as_rgb: bool 
     except Exception as e:  # zipfile/pickle/IO errors all mean the file is unusable
       raise MedMNISTError(f"{path} is not a readable npz file ({type(e).__name__}: {e}); "
                           "delete it and download it again") from e
-    source = str(path)
+    source, kind = str(path), "medmnist-npz"
   validate_arrays(flag, size, arrays, source)
+  return MedMNISTData(flag=flag, task=info["task"], n_classes=info["n_classes"], source=source,
+                      source_kind=kind, **channels_last(arrays, as_rgb))
+
+
+def channels_last(arrays: dict, as_rgb: bool = False) -> dict:
+  """Validated MedMNIST arrays as MedMNISTData fields: grey images get a channel axis (N, S, S, 1), or
+  three identical channels with as_rgb; labels int32."""
   out = {}
   for split in SPLITS:
     images = arrays[f"{split}_images"]
@@ -198,7 +210,7 @@ def load_medmnist(flag: str, root=DEFAULT_ROOT, size: int = 28, *, as_rgb: bool 
         images = np.repeat(images, 3, axis=-1)
     out[f"{split}_images"] = np.ascontiguousarray(images)
     out[f"{split}_labels"] = arrays[f"{split}_labels"].astype(np.int32)
-  return MedMNISTData(flag=flag, task=info["task"], n_classes=info["n_classes"], source=source, **out)
+  return out
 
 
 def label_fraction_subset(labels: np.ndarray, fraction: float, seed: int, task: str) -> np.ndarray:
@@ -243,15 +255,10 @@ def digits_as_medmnist(seed: int = 0, size: int = 28) -> dict:
 
 
 def write_medmnist_npz(path, arrays: dict) -> pathlib.Path:
-  """Writes arrays in the MedMNIST npz layout, atomically."""
+  """Writes arrays in the MedMNIST npz layout, atomically, readable as the umask allows (a data set
+  is meant to be shared)."""
   path = pathlib.Path(path).expanduser()
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez_compressed(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
+  with atomic_write(path, "wb") as f:
+    np.savez_compressed(f, **arrays)
   return path
