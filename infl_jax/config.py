@@ -125,6 +125,10 @@ class TrainConfig:
   key_mode: str = option("uniform", "distribution of a newly created key's coordinates", group="key",
                          choices=("uniform", "normal", "ones", "zeros", "constant"), resume=False)
   key_version: int = option(1, "key version; updates under another version are rejected", group="key", minimum=0)
+  key_scheme: str = option("faithful", "how the key enters the model: its coordinates only (faithful, the "
+                           "published method), or also a key-derived secret permutation and sign flip of the input "
+                           "features, applied by the clients (hardened; docs/privacy.md)", group="key",
+                           choices=("faithful", "hardened"))
   key_fingerprint: str | None = option(None, "fingerprint of the run's key (SecretKey.fingerprint), set from the key "
                                        "itself: a resumed run must use the same key", group="key", cli=False)
   # federated

@@ -3,13 +3,13 @@
     python scripts/infl_seed_study.py --seeds 0 1 2 3 4 -- --dataset proteomics
     python scripts/infl_seed_study.py --seeds 0 1 2 3 4 -- --dataset pbmc --partition label-skew \
         --classes-per-client 2
-    python scripts/infl_seed_study.py --seeds 0 1 2 3 4 --hardened-cost -- --dataset proteomics
+    python scripts/infl_seed_study.py --seeds 0 1 2 3 4 --compare-schemes -- --dataset proteomics
 
 Everything after ``--`` is infl-train's flags (without --workdir and --seed; the seed sets the split,
 the partition, the initialisation, the training and the key). Prints one JSON line per seed, then one
-with mean, std (ddof 1) and the per-seed values. ``--hardened-cost`` instead trains the key holder's
-model on the faithful and on the hardened (input-scrambled) split with the same seed and reports both
-right-key accuracies.
+with mean, std (ddof 1) and the per-seed values. ``--compare-schemes`` runs every seed under both key
+schemes (``--key-scheme faithful`` and ``hardened``, the same key) and adds the paired difference of
+the right-key accuracies.
 """
 
 import argparse
@@ -17,14 +17,11 @@ import dataclasses
 import json
 import tempfile
 
-import jax
 import numpy as np
 
 from infl_jax import keys as keylib
 from infl_jax.config import TrainConfig
-from infl_jax.federated import global_variables
 from infl_jax.main import build_parser, config_from_args, train_and_evaluate
-from infl_jax.tasks import classification
 
 
 def config_for_seed(train_flags: list[str], seed: int) -> TrainConfig:
@@ -44,31 +41,24 @@ def key_study(train_flags: list[str], seed: int) -> dict:
   return row
 
 
-def hardened_cost(train_flags: list[str], seed: int) -> dict:
-  from infl_jax.privacy.hardened import harden_split
-
-  config = config_for_seed(train_flags, seed)
-  key = keylib.generate_key(seed=seed)  # reproducible (and insecure), as in key_study
-  split = classification.load_data(config)
-  init_rng, server_rng, _ = jax.random.split(jax.random.key(seed), 3)
-  row = {}
-  for name, data in (("faithful", split), ("hardened", harden_split(split, key))):
-    model = classification.create_model(config, data.n_classes)
-    state = classification.fit(config, model, classification.client_data(data, config.key_version), data.n_features,
-                               key.coords, init_rng=init_rng, server_rng=server_rng)
-    row[name] = classification.evaluate(model, global_variables(state), data.test_x,
-                                        data.test_y, data.n_classes, key.coords)["accuracy"]
+def compare_schemes(train_flags: list[str], seed: int) -> dict:
+  """The key study under the faithful and under the hardened key scheme, same seed and key: a paired row."""
+  rows = {scheme: key_study([*train_flags, "--key-scheme", scheme], seed) for scheme in ("faithful", "hardened")}
+  row = {f"{scheme}_{name}": value for scheme, r in rows.items() for name, value in r.items()
+         if name != "evaluated_round"}
+  row["hardened_minus_faithful_right_key"] = rows["hardened"]["right_key"] - rows["faithful"]["right_key"]
   return row
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-  p.add_argument("--hardened-cost", action="store_true")
+  p.add_argument("--compare-schemes", action="store_true",
+                 help="run each seed under --key-scheme faithful and hardened (same key) and report the paired difference")
   p.add_argument("train_flags", nargs=argparse.REMAINDER, help="infl-train flags, after --")
   args = p.parse_args()
   train_flags = [f for f in args.train_flags if f != "--"] or ["--dataset", "proteomics"]
-  study = hardened_cost if args.hardened_cost else key_study
+  study = compare_schemes if args.compare_schemes else key_study
   rows = []
   for seed in args.seeds:
     rows.append(study(train_flags, seed))

@@ -14,7 +14,7 @@ PACKAGES = ("runkit", "infl_jax", "lsanet_jax")
 LAYERS = {
     "runkit": 0,
     # infl_jax
-    "infl_jax": 1, "infl_jax.config": 1, "infl_jax.keys": 1, "infl_jax.keyed": 1, "infl_jax.data": 1,
+    "infl_jax": 1, "infl_jax.config": 1, "infl_jax.keys": 1, "infl_jax.key_scheme": 1, "infl_jax.keyed": 1, "infl_jax.data": 1,
     "infl_jax.models": 2, "infl_jax.federated": 2,
     "infl_jax.tasks": 3, "infl_jax.attacks": 3, "infl_jax.privacy.dp": 3, "infl_jax.privacy.hardened": 3,
     "infl_jax.tasks.registry": 4, "infl_jax.privacy": 4,

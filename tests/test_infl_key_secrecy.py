@@ -21,7 +21,8 @@ from infl_jax import keys as keylib
 from infl_jax.config import TrainConfig
 from infl_jax.main import DEFAULT_KEY_NAME, build_parser, config_from_args, load_or_create_key, main
 from infl_jax.privacy import hardened
-from infl_jax.tasks.common import evaluation_keys, resume_settings
+from infl_jax.key_scheme import study_views
+from infl_jax.tasks.common import resume_settings
 from runkit.checkpoint import Checkpointer
 
 TINY = ["--dataset", "proteomics", "--model", "mlp", "--hidden", "16", "--rounds", "2", "--local-epochs", "1",
@@ -136,12 +137,21 @@ def test_no_file_of_the_run_but_the_key_file_holds_or_rebuilds_the_key(trained_r
 
 def test_wrong_keys_are_guesses_from_the_run_seed_not_from_the_key():
   a, b = keylib.generate_key(), keylib.generate_key()
-  for name in ("wrong_key_same_mode", "wrong_key_other_mode"):
-    # The same guess whatever the key: nothing of the key's material goes into it.
-    np.testing.assert_array_equal(evaluation_keys(a, seed=3)[name], evaluation_keys(b, seed=3)[name])
-    np.testing.assert_array_equal(evaluation_keys(a, seed=3)[name], evaluation_keys(a, seed=3)[name])
-    assert not np.array_equal(evaluation_keys(a, seed=3)[name], evaluation_keys(a, seed=4)[name])
-    assert not np.array_equal(evaluation_keys(a, seed=3)[name], a.coords)
+  for scheme in ("faithful", "hardened"):
+    guess = lambda key, seed, name: study_views(key, scheme, 6, seed=seed)[name]
+    for name in ("wrong_key_same_mode", "wrong_key_other_mode"):
+      # The same guess whatever the key: nothing of the key's material goes into it, nor into its scramble.
+      assert _same_view(guess(a, 3, name), guess(b, 3, name))
+      assert not _same_view(guess(a, 3, name), guess(a, 4, name))
+      assert not np.array_equal(guess(a, 3, name).coords, a.coords)
+
+
+def _same_view(u, v) -> bool:
+  same_scramble = (u.scramblers is None) == (v.scramblers is None) and (
+      u.scramblers is None or all(np.array_equal(x, y) for x, y in zip(u.scramblers[""], v.scramblers[""])))
+  return np.array_equal(u.coords, v.coords) and same_scramble
+
+
   # Without a seed: reproducible per key, from its public fingerprint.
   np.testing.assert_array_equal(keylib.wrong_key_like(a).coords, keylib.wrong_key_like(a).coords)
   assert keylib.wrong_key_like(keylib.generate_key(seed=0)) != keylib.generate_key(seed=1)  # not "seed + 1"

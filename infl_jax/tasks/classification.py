@@ -21,14 +21,16 @@ from infl_jax import models
 from infl_jax.config import GENERIC_N_CLIENTS, TrainConfig
 from infl_jax.federated import (ClientData, ServerState, Task, algorithm_from_config, global_variables, jit_round,
                                 run_rounds, stack_clients)
-from infl_jax.tasks.common import (check_key_version, evaluation_keys, stopped_early, train_federated,
+from infl_jax.key_scheme import KeyView, client_view, study_views
+from infl_jax.tasks.common import (check_key_version, stopped_early, train_federated,
                                    write_summary)
 from runkit.errors import UserInputError
 from runkit.xla import ONCE, compiler_options
 
 __all__ = ["CentralRun", "accepts_kwarg", "accepts_mask", "binary_auc", "classification_metrics",
-           "classification_task", "client_data", "create_model", "cross_entropy", "evaluate", "fit", "format_summary",
-           "init_variables", "load_data", "predict_logits", "prepare_central", "run", "softmax", "train_central"]
+           "classification_task", "client_data", "client_split", "create_model", "cross_entropy", "evaluate",
+           "format_summary", "init_variables", "load_data", "predict_logits", "prepare_central", "run", "softmax",
+           "train_central"]
 
 
 def accepts_kwarg(model: nn.Module, name: str) -> bool:
@@ -223,6 +225,15 @@ def _init_program():
   return jax.jit(init, static_argnums=(0, 1), compiler_options=compiler_options(ONCE))
 
 
+def client_split(split, view: KeyView):
+  """``split`` as the clients hold it under their key scheme: every input through ``view`` (scrambled under
+  ``hardened``; the same under ``faithful``)."""
+  if view.scramblers is None:
+    return split
+  return dataclasses.replace(split, train_x=view.inputs(split.train_x), val_x=view.inputs(split.val_x),
+                             test_x=view.inputs(split.test_x))
+
+
 def client_data(split, key_version: int) -> ClientData:
   per_client = [{"x": x.astype(np.float32), "y": y.astype(np.int32)} for x, y in split.client_arrays()]
   return stack_clients(per_client, key_version=key_version)
@@ -230,14 +241,6 @@ def client_data(split, key_version: int) -> ClientData:
 
 def evaluate(model, variables, x, y, num_classes: int, key_coords) -> dict[str, float]:
   return classification_metrics(y, predict_logits(model, variables, x, key_coords), num_classes)
-
-
-def fit(config: TrainConfig, model, clients: ClientData, num_features: int, coords, *, init_rng: jax.Array,
-        server_rng: jax.Array) -> ServerState:
-  """``config.rounds`` federated rounds from a fresh model, in memory (no workdir, no checkpoints)."""
-  algo = algorithm_from_config(config, classification_task(model))
-  state = algo.init(init_variables(model, num_features, init_rng), server_rng, key_version=config.key_version)
-  return run_rounds(jit_round(algo.round), state, clients, jnp.asarray(coords), rounds=config.rounds).state
 
 
 class CentralRun(NamedTuple):
@@ -309,7 +312,8 @@ def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = F
   ``stop_after_round`` ends the run early after that round's checkpoint (used to test resume).
   """
   check_key_version(config, key)
-  split = load_data(config)
+  raw = load_data(config)
+  split = client_split(raw, client_view(key, config.key_scheme, raw.n_features))
   model = create_model(config, split.n_classes)
   algo = algorithm_from_config(config, classification_task(model))
   coords = jnp.asarray(key.coords)
@@ -330,8 +334,8 @@ def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = F
     central = None if central is None else central.result()
 
   variables = global_variables(result.best_or_last)
-  test = {name: evaluate(model, variables, split.test_x, split.test_y, split.n_classes, c)
-          for name, c in evaluation_keys(key, seed=config.seed).items()}
+  test = {name: evaluate(model, variables, view.inputs(raw.test_x), split.test_y, split.n_classes, view.coords)
+          for name, view in study_views(key, config.key_scheme, raw.n_features, seed=config.seed).items()}
   summary = {
       "task": "classification",
       "dataset": config.dataset,
@@ -343,6 +347,7 @@ def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = F
       "rounds": int(result.state.round),
       "evaluated_round": int(result.best_or_last.round),
       "model_selection": config.model_selection,
+      "key_scheme": config.key_scheme,
       "federated_train_seconds_this_session": result.seconds,
       "test": test,
       "config": dataclasses.asdict(config),

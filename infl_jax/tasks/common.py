@@ -1,5 +1,5 @@
-"""What every task runner shares: the key check, the federated training run, the key study's four
-ways to run a model, and writing results (summary.json, an .h5ad)."""
+"""What every task runner shares: the key check, the federated training run and writing results
+(summary.json, an .h5ad). The key study's four ways to run a model are ``infl_jax.key_scheme.study_views``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from infl_jax.federated import (ClientData, FederatedAlgorithm, RoundsResult, Ru
 from runkit.errors import CheckpointError, UserInputError
 from runkit.metrics_log import write_json_atomic
 
-__all__ = ["check_key_version", "evaluation_keys", "resume_settings", "stopped_early", "train_federated",
+__all__ = ["check_key_version", "resume_settings", "stopped_early", "train_federated",
            "training_record", "write_h5ad", "write_summary"]
 
 
@@ -26,20 +26,6 @@ def check_key_version(config: TrainConfig, key: keylib.SecretKey) -> None:
   if key.version != config.key_version:
     raise UserInputError(f"the key file holds key version {key.version} but the run expects version "
                          f"{config.key_version}; pass --key-version {key.version} or the matching key file")
-
-
-def evaluation_keys(key: keylib.SecretKey, seed: int | None = None) -> dict[str, Any]:
-  """The four ways to run a trained model: right key, two kinds of wrong key, no INR path.
-
-  The wrong keys are an attacker's guesses, made from ``seed`` (the run's --seed) or, without it, from the
-  key's public fingerprint: reproducible, and never from the key's material (docs/design.md, "Keys").
-  """
-  return {
-      "right_key": key.coords,
-      "wrong_key_same_mode": keylib.wrong_key_like(key, seed=seed).coords,
-      "wrong_key_other_mode": keylib.other_mode_key(key, seed=seed).coords,
-      "no_inr": None,
-  }
 
 
 def resume_settings(config: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:

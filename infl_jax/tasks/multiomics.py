@@ -22,6 +22,7 @@ and its encoder's parameters are updated only by clients that hold it.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from typing import Sequence
 
@@ -33,9 +34,10 @@ import numpy as np
 from infl_jax import keys as keylib
 from infl_jax.config import TrainConfig
 from infl_jax.federated import Task, algorithm_from_config, global_variables, stack_clients
+from infl_jax.key_scheme import KeyView, client_view, study_views
 from infl_jax.keyed import keyed
 from infl_jax.tasks.clustering import cluster_embedding, clustering_scores, format_clustering_summary
-from infl_jax.tasks.common import (check_key_version, evaluation_keys, stopped_early, train_federated,
+from infl_jax.tasks.common import (check_key_version, stopped_early, train_federated,
                                    training_record, write_h5ad, write_summary)
 from runkit.errors import UserInputError
 
@@ -171,6 +173,9 @@ def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = F
     raise UserInputError(f"--mosaic-anchor {config.mosaic_anchor!r} is not a modality of {config.dataset!r}; "
                          f"choose one of {data.modality_names}, or 'none' for the mean of the present modalities' codes")
   dims = [data.modalities[m].shape[1] for m in data.modality_names]
+  raw = data
+  data = dataclasses.replace(raw, modalities=_inputs(client_view(key, config.key_scheme, _widths(raw)),
+                                                     raw.modalities))
   model = make_mosaic_model(data.modality_names, dims, hidden=config.hidden[0], embed_dim=config.embed_dim,
                             key_strength=config.key_strength, variant=config.variant, anchor=config.mosaic_anchor)
   task = mosaic_task(model, data.modality_names, input_dropout=config.dropout, align_weight=config.align_weight,
@@ -187,9 +192,18 @@ def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = F
                            resume=resume, stop_after_round=stop_after_round, show_progress=show_progress)
   if stopped := stopped_early(result, config):
     return stopped
-  summary = _evaluate(config, workdir, key, model, data, global_variables(result.state), initial)
+  summary = _evaluate(config, workdir, key, model, raw, global_variables(result.state), initial)
   summary.update(training_record(result, config))
   return write_summary(workdir, summary)
+
+
+def _widths(data) -> dict[str, int]:
+  return {m: data.modalities[m].shape[1] for m in data.modality_names}
+
+
+def _inputs(view: KeyView, modalities: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Each modality as ``view`` feeds it to the model (under ``hardened``, one scramble per modality)."""
+  return {m: view.inputs(x, stream=m) for m, x in modalities.items()}
 
 
 def _evaluate(config: TrainConfig, workdir: pathlib.Path, key, model, data, variables, initial) -> dict:
@@ -203,17 +217,22 @@ def _evaluate(config: TrainConfig, workdir: pathlib.Path, key, model, data, vari
                                                               seed=config.seed))
             for name, (truth, k) in label_sets.items()}
 
+  def coords(view: KeyView):
+    return None if view.coords is None else jnp.asarray(view.coords)
+
+  views = study_views(key, config.key_scheme, _widths(data), seed=config.seed)
   results, embeddings = {}, {}
-  for name, c in evaluation_keys(key, seed=config.seed).items():
-    embeddings[name] = np.asarray(embed(variables, data.modalities, present, None if c is None else jnp.asarray(c)))
+  for name, view in views.items():
+    embeddings[name] = np.asarray(embed(variables, _inputs(view, data.modalities), present, coords(view)))
     results[name] = {"mosaic": scores(embeddings[name])}
+  right_view = views["right_key"]
   if data.modalities_all is not None:
     # A model check, not the mosaic setting: every sample with every modality the source holds.
     full_present = np.ones_like(data.present, np.float32)
-    results["right_key"]["all_modalities"] = scores(embed(variables, data.modalities_all, full_present,
-                                                          jnp.asarray(key.coords)))
-  baselines = {"untrained_encoder_right_key": scores(embed(initial, data.modalities, present,
-                                                           jnp.asarray(key.coords)))}
+    results["right_key"]["all_modalities"] = scores(embed(variables, _inputs(right_view, data.modalities_all),
+                                                          full_present, coords(right_view)))
+  baselines = {"untrained_encoder_right_key": scores(embed(initial, _inputs(right_view, data.modalities),
+                                                           present, coords(right_view)))}
   for j, m in enumerate(data.modality_names):
     have = data.present[:, j]
     baselines[f"kmeans_{m}_on_clients_holding_it"] = {
@@ -230,7 +249,7 @@ def _evaluate(config: TrainConfig, workdir: pathlib.Path, key, model, data, vari
   h5ad = write_h5ad(workdir / "infl_multiomics.h5ad", x_concat, obs, var_names, {"X_infl": right})
   clients = range(len(data.client_names))
   return {
-      "task": "multiomics", "dataset": config.dataset, "description": data.description,
+      "task": "multiomics", "dataset": config.dataset, "key_scheme": config.key_scheme, "description": data.description,
       "client_names": data.client_names,
       "client_sizes": [int((data.client == k).sum()) for k in clients],
       "client_modalities": {data.client_names[k]: [m for j, m in enumerate(data.modality_names)

@@ -24,6 +24,7 @@ post-perturbation expression (GEARS adds a direction term; the plain MSE is kept
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import flax.linen as nn
@@ -34,8 +35,9 @@ import numpy as np
 from infl_jax import keys as keylib
 from infl_jax.config import TrainConfig
 from infl_jax.federated import Task, algorithm_from_config, global_variables, stack_clients
+from infl_jax.key_scheme import KeyView, client_view, study_views, unscramble
 from infl_jax.keyed import keyed
-from infl_jax.tasks.common import (check_key_version, evaluation_keys, stopped_early, train_federated,
+from infl_jax.tasks.common import (check_key_version, stopped_early, train_federated,
                                    training_record, write_h5ad, write_summary)
 from infl_jax.tasks.graph import mean_aggregate, sparsify_similarity
 from runkit.errors import UserInputError
@@ -186,7 +188,9 @@ def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = F
     raise UserInputError(f"{len(data.train_conditions)} training conditions cannot fill {n_clients} clients;"
                          " lower --n-clients")
   rng = np.random.default_rng(config.seed)
-  model = _build_model(config, data)
+  raw = data
+  data = client_data_view(raw, client_view(key, config.key_scheme, raw.n_genes))
+  model = _build_model(config, data)  # from the clients' data: under hardened, its gene graph is scrambled too
   # Each client (lab) holds its own perturbations: training conditions dealt round-robin.
   order = rng.permutation(len(data.train_conditions))
   per_client = [_perturbation_examples(data, [data.train_conditions[i] for i in order[c::n_clients]], rng)[0]
@@ -200,9 +204,19 @@ def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = F
                            show_progress=show_progress)
   if stopped := stopped_early(result, config):
     return stopped
-  summary = _evaluate(config, workdir, key, model, data, global_variables(result.state))
+  summary = _evaluate(config, workdir, key, model, raw, global_variables(result.state))
   summary.update(client_sizes=[len(c["y"]) for c in per_client], **training_record(result, config))
   return write_summary(workdir, summary)
+
+
+def client_data_view(data, view: KeyView):
+  """``data`` as ``view`` holds it: under ``hardened`` every cell's genes scrambled and the gene names in the
+  scrambled order, so a perturbation's gene indices point where its genes now sit; unchanged otherwise."""
+  if view.scramblers is None:
+    return data
+  order = view.scramblers[""].permutation
+  return dataclasses.replace(data, gene_names=[data.gene_names[i] for i in order], control=view.inputs(data.control),
+                             cells={cond: view.inputs(cells) for cond, cells in data.cells.items()})
 
 
 def _predict(model, variables, test: dict, key_coords, batch: int = 256) -> np.ndarray:
@@ -235,7 +249,16 @@ def _score(data, control_mean, pred_mean_of) -> dict:
 
 def _evaluate(config: TrainConfig, workdir: pathlib.Path, key, model, data, variables) -> dict:
   """Held-out conditions under the four ways to run the model, the baselines, and the .h5ad."""
-  test, test_conditions = _perturbation_examples(data, data.test_conditions, np.random.default_rng(config.seed + 1))
+  def examples(view: KeyView):  # the same paired controls for every view
+    return _perturbation_examples(client_data_view(data, view), data.test_conditions,
+                                  np.random.default_rng(config.seed + 1))
+
+  def predict(view: KeyView):
+    """Predicted cells in the genes' own order (a view's scrambled predictions unscrambled by its own key)."""
+    pred = _predict(model, variables, examples(view)[0], None if view.coords is None else jnp.asarray(view.coords))
+    return pred if view.scramblers is None else unscramble(pred, view.scramblers[""])
+
+  test, test_conditions = examples(KeyView(None))
   test_conditions = np.asarray(test_conditions)
   control_mean = data.control.mean(0)
   train_set = set(data.train_conditions)
@@ -243,8 +266,8 @@ def _evaluate(config: TrainConfig, workdir: pathlib.Path, key, model, data, vari
   def mean_of(pred_cells):
     return lambda cond: pred_cells[test_conditions == condition_name(cond)].mean(0)
 
-  predictions = {name: _predict(model, variables, test, None if c is None else jnp.asarray(c))
-                 for name, c in evaluation_keys(key, seed=config.seed).items()}
+  predictions = {name: predict(view) for name, view in study_views(key, config.key_scheme, data.n_genes,
+                                                                    seed=config.seed).items()}
   results = {name: _score(data, control_mean, mean_of(pred)) for name, pred in predictions.items()}
 
   def additive(cond):
@@ -262,7 +285,7 @@ def _evaluate(config: TrainConfig, workdir: pathlib.Path, key, model, data, vari
   h5ad = write_h5ad(workdir / "infl_perturbation.h5ad", test["y"], {"condition": test_conditions}, data.gene_names,
                     {}, layers={"infl_prediction": right_pred, "paired_control": test["x"]},
                     uns={"simulated": int(data.simulated)})
-  return {"task": "perturbation", "dataset": config.dataset, "description": data.description,
+  return {"task": "perturbation", "dataset": config.dataset, "key_scheme": config.key_scheme, "description": data.description,
           "simulated": data.simulated, "train_conditions": ["+".join(c) for c in data.train_conditions],
           "held_out_conditions": [condition_name(c) for c in data.test_conditions],
           "held_out": results, "baselines": baselines, "h5ad": str(h5ad)}

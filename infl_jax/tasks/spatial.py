@@ -4,6 +4,7 @@ against a scanpy-style PCA + k-means baseline)."""
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import flax.linen as nn
@@ -14,10 +15,11 @@ import numpy as np
 from infl_jax import keys as keylib
 from infl_jax.config import TrainConfig
 from infl_jax.federated import Task, algorithm_from_config, global_variables, stack_clients
+from infl_jax.key_scheme import KeyView, client_view, study_views
 from infl_jax.keyed import keyed
 from infl_jax.tasks.clustering import (cluster_embedding, clustering_scores, format_clustering_summary,
                                        pca_kmeans_baseline)
-from infl_jax.tasks.common import (check_key_version, evaluation_keys, stopped_early, train_federated,
+from infl_jax.tasks.common import (check_key_version, stopped_early, train_federated,
                                    training_record, write_h5ad, write_summary)
 from infl_jax.tasks.graph import knn_graph, mean_aggregate, restrict_graph
 from runkit.errors import UserInputError
@@ -111,6 +113,8 @@ def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = F
                       label_key=config.label_key, client_key=config.client_key)
   if data.labels is None:
     raise UserInputError("spatial clustering is scored against annotated domains: pass --label-key <obs column>")
+  raw = data
+  data = dataclasses.replace(raw, x=client_view(key, config.key_scheme, raw.x.shape[1]).inputs(raw.x))
   model = make_spatial_model(data.x.shape[1], hidden=config.hidden[0], embed_dim=config.embed_dim,
                              key_strength=config.key_strength, variant=config.variant)
   per_client, nodes = spatial_client_graphs(data, config.graph_neighbors)
@@ -127,7 +131,7 @@ def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = F
                            stop_after_round=stop_after_round, show_progress=show_progress)
   if stopped := stopped_early(result, config):
     return stopped
-  summary = _evaluate(config, workdir, key, model, data, per_client, nodes, global_variables(result.state), initial)
+  summary = _evaluate(config, workdir, key, model, raw, per_client, nodes, global_variables(result.state), initial)
   summary.update(training_record(result, config))
   return write_summary(workdir, summary)
 
@@ -137,21 +141,22 @@ def _evaluate(config: TrainConfig, workdir, key, model, data, per_client, nodes,
   n_clusters = len(data.label_names)
   apply = jax.jit(lambda v, x, nb, w, c: model.apply(v, x, nb, w, key_coords=c)[0])
 
-  def embed(v, c):
+  def embed(v, view: KeyView):
+    c = None if view.coords is None else jnp.asarray(view.coords)
     z = np.zeros((len(data.x), config.embed_dim), np.float32)
     for g, idx in zip(per_client, nodes):  # evaluation only: each client embeds its own spots
-      z[idx] = np.asarray(apply(v, g["x"], g["neighbors"], g["weights"], c))
+      z[idx] = np.asarray(apply(v, view.inputs(data.x[idx]), g["neighbors"], g["weights"], c))
     return z
 
   def scores(z):
     return clustering_scores(data.labels, cluster_embedding(z, n_clusters, config.cluster_method, seed=config.seed))
 
-  embeddings = {name: embed(variables, None if c is None else jnp.asarray(c))
-                for name, c in evaluation_keys(key, seed=config.seed).items()}
+  views = study_views(key, config.key_scheme, data.x.shape[1], seed=config.seed)
+  embeddings = {name: embed(variables, view) for name, view in views.items()}
   results = {name: scores(z) for name, z in embeddings.items()}
   baselines = {
       "scanpy_style_pca_kmeans": pca_kmeans_baseline(data.log_expression, data.labels, n_clusters, seed=config.seed),
-      "untrained_encoder_right_key": scores(embed(initial, jnp.asarray(key.coords))),
+      "untrained_encoder_right_key": scores(embed(initial, views["right_key"])),
   }
   right = embeddings["right_key"]
   clusters = cluster_embedding(right, n_clusters, config.cluster_method, seed=config.seed)
@@ -159,7 +164,7 @@ def _evaluate(config: TrainConfig, workdir, key, model, data, per_client, nodes,
          "infl_cluster": clusters.astype(str), "domain_label": np.array(data.label_names)[data.labels]}
   h5ad = write_h5ad(workdir / "infl_spatial.h5ad", data.log_expression, obs, data.gene_names,
                     {"X_infl": right, "spatial": data.coords})
-  return {"task": "spatial", "dataset": config.dataset, "description": data.description,
+  return {"task": "spatial", "dataset": config.dataset, "key_scheme": config.key_scheme, "description": data.description,
           "client_names": data.client_names, "client_sizes": [len(i) for i in nodes],
           "n_clusters": n_clusters, "graph_neighbors": config.graph_neighbors,
           "clustering": results, "baselines": baselines, "h5ad": str(h5ad)}

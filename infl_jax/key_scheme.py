@@ -1,0 +1,142 @@
+"""Key schemes: how the clients' secret key enters the model (docs/design.md, "Key schemes").
+
+- ``faithful``: the INFL method as published. The key reaches the model only through its coordinates
+  (``apply(..., key_coords=key.coords)``).
+- ``hardened``: the key also fixes a secret permutation and sign flip of the input features, applied by the
+  clients to their data before training and inference:
+
+      x_s[i] = sign[i] * scale[i] * x[perm[i]]          (scale 1 unless ``scale_range`` is given)
+
+Why: the faithful secret is a 16-dim vector ``k`` that changes little between keys and that gradient
+descent can fit, and the analytic first-layer attack reads an input off an update without any key
+(docs/privacy.md). The scramble is not a parameter, never leaves the clients and is discrete (one of
+F! 2^F permutations and sign patterns), so gradient descent cannot fit it; whatever an attacker
+reconstructs from an update is ``x_s``. With an i.i.d. initialisation, a dense first layer trained with a
+coordinate-wise optimizer (Adam, SGD, weight decay) is equivariant to a signed permutation of its inputs,
+so the key holder's training is the same in distribution; scales would change the optimizer's dynamics and
+add no secrecy that the permutation does not give, hence off by default.
+
+The scramble is drawn from the key material, never from a seed: ``SeedSequence(SHA-256(domain tag, material,
+mode, version[, stream]))``, a stream apart from the key coordinates', reproducible from the SecretKey alone
+and as unguessable as its material. ``stream`` separates the scrambles of a task's several inputs (e.g. the
+two omics layers of a multi-omics client); the default stream is the one of earlier releases.
+
+A task applies a scheme through ``KeyView``: the coordinates and the input scramble of one way of running
+the model. ``study_views`` gives the key study's four (right key, a guessed key of the same mode, one of
+another mode, no key): an attacker with a guessed key also scrambles with that key's scramble, and one
+without a key feeds the raw features to the model without its INR path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import NamedTuple
+
+import numpy as np
+
+from infl_jax import keys as keylib
+from runkit.errors import UserInputError
+
+__all__ = ["KEY_SCHEMES", "InputScrambler", "KeyView", "check_scheme", "client_view", "input_scrambler", "scramble",
+           "study_views", "unscramble"]
+
+KEY_SCHEMES = ("faithful", "hardened")
+_DOMAIN_TAG = b"infl-hardened-scramble-v2\0"  # v1 was drawn from SeedSequence([seed, version, mode, tag])
+
+
+class InputScrambler(NamedTuple):
+  permutation: np.ndarray  # int [F]
+  signs: np.ndarray  # float32 [F], +-1
+  scales: np.ndarray  # float32 [F], > 0
+
+
+def input_scrambler(key: keylib.SecretKey, num_features: int,
+                    scale_range: tuple[float, float] | None = None, *, stream: str = "") -> InputScrambler:
+  """The key's scramble of ``num_features`` features; ``scale_range=(lo, hi)`` adds log-uniform scales."""
+  if not isinstance(key, keylib.SecretKey):
+    raise UserInputError(f"input_scrambler needs a SecretKey (infl_jax.keys.generate_key/load_key), got "
+                         f"{type(key).__name__}")
+  if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) or num_features < 1:
+    raise UserInputError(f"input_scrambler: num_features must be a positive integer, got {num_features!r}")
+  label = [key.mode, key.version] + ([stream] if stream else [])
+  digest = hashlib.sha256(_DOMAIN_TAG + key.material + json.dumps(label).encode()).digest()
+  rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(int.from_bytes(digest, "little"))))
+  permutation = rng.permutation(int(num_features))
+  signs = np.where(rng.random(num_features) < 0.5, -1.0, 1.0).astype(np.float32)
+  if scale_range is None:
+    scales = np.ones(num_features, np.float32)
+  else:
+    if not (len(scale_range) == 2 and 0 < scale_range[0] <= scale_range[1]):
+      raise UserInputError(f"input_scrambler: scale_range must be (lo, hi) with 0 < lo <= hi, got {scale_range!r}")
+    lo, hi = np.log(scale_range[0]), np.log(scale_range[1])
+    scales = np.exp(rng.uniform(lo, hi, num_features)).astype(np.float32)
+  return InputScrambler(permutation, signs, scales)
+
+
+def _check(x, s: InputScrambler):
+  if np.shape(x)[-1] != len(s.permutation):
+    raise UserInputError(f"scramble: inputs have {np.shape(x)[-1]} features but the scrambler was made for "
+                         f"{len(s.permutation)}; build it with input_scrambler(key, num_features)")
+
+
+def scramble(x, s: InputScrambler):
+  """``x [..., F]`` -> ``x_s``; works on numpy and jax arrays."""
+  _check(x, s)
+  return x[..., s.permutation] * (s.signs * s.scales)
+
+
+def unscramble(x_s, s: InputScrambler):
+  """The inverse of ``scramble``."""
+  _check(x_s, s)
+  inverse = np.argsort(s.permutation)
+  return (x_s / (s.signs * s.scales))[..., inverse]
+
+
+def check_scheme(scheme: str) -> str:
+  if scheme not in KEY_SCHEMES:
+    raise UserInputError(f"unknown key scheme {scheme!r}; choose --key-scheme from {', '.join(KEY_SCHEMES)}")
+  return scheme
+
+
+class KeyView(NamedTuple):
+  """One way of running a keyed model: its key coordinates (None: no INR path) and input scramble (None:
+  raw features)."""
+
+  coords: np.ndarray | None
+  scramblers: dict[str, InputScrambler] | None = None  # by input stream ("" for a task's one input)
+
+  def inputs(self, x: np.ndarray, stream: str = "") -> np.ndarray:
+    """``x`` as this view feeds it to the model (float32)."""
+    x = np.asarray(x, np.float32)
+    if self.scramblers is None:
+      return x
+    return np.asarray(scramble(x, self.scramblers[stream]), np.float32)
+
+
+def _view(key: keylib.SecretKey, scheme: str, num_features: dict[str, int]) -> KeyView:
+  if check_scheme(scheme) == "faithful":
+    return KeyView(key.coords)
+  return KeyView(key.coords, {stream: input_scrambler(key, n, stream=stream) for stream, n in num_features.items()})
+
+
+def client_view(key: keylib.SecretKey, scheme: str, num_features: int | dict[str, int]) -> KeyView:
+  """What the clients feed their model under ``scheme``: the key's coordinates, and under ``hardened`` their
+  data scrambled with the key. ``num_features``: the width of the task's input, or ``{stream: width}`` for
+  a task with several inputs."""
+  widths = num_features if isinstance(num_features, dict) else {"": int(num_features)}
+  return _view(key, scheme, widths)
+
+
+def study_views(key: keylib.SecretKey, scheme: str, num_features: int | dict[str, int],
+                seed: int | None = None) -> dict[str, KeyView]:
+  """The key study's four ways of running a trained model under ``scheme``: right key, a wrong key of the same
+  mode, one of another mode (attackers' guesses made from ``seed`` or the key's public fingerprint, never
+  from its material; ``keys.wrong_key_like``), and no key (raw features, no INR path)."""
+  widths = num_features if isinstance(num_features, dict) else {"": int(num_features)}
+  return {
+      "right_key": _view(key, scheme, widths),
+      "wrong_key_same_mode": _view(keylib.wrong_key_like(key, seed=seed), scheme, widths),
+      "wrong_key_other_mode": _view(keylib.other_mode_key(key, seed=seed), scheme, widths),
+      "no_inr": KeyView(None),
+  }
