@@ -211,18 +211,21 @@ def create_model(config: TrainConfig, num_classes: int):
 
 
 def init_variables(model, num_features: int, rng: jax.Array):
-  """The model's initial variables, from one compiled program (cached on disk) rather than one small
-  compile per initialiser op."""
+  """The model's initial variables: called eagerly, from one compiled program (cached on disk) rather than one
+  small compile per initialiser op; inside a caller's jit or eval_shape, traced into the caller's program."""
+  if isinstance(rng, jax.core.Tracer):  # compiler options belong to a top-level jit only
+    return _init(model, num_features, rng)
   return _init_program()(model, num_features, rng)
+
+
+def _init(model, num_features: int, rng: jax.Array):
+  dummy = jnp.zeros((2, num_features), jnp.float32)
+  return model.init({"params": rng, "dropout": rng}, dummy, key_coords=None, train=False)
 
 
 @functools.cache
 def _init_program():
-  def init(model, num_features, rng):
-    dummy = jnp.zeros((2, num_features), jnp.float32)
-    return model.init({"params": rng, "dropout": rng}, dummy, key_coords=None, train=False)
-
-  return jax.jit(init, static_argnums=(0, 1), compiler_options=compiler_options(ONCE))
+  return jax.jit(_init, static_argnums=(0, 1), compiler_options=compiler_options(ONCE))
 
 
 def client_split(split, view: KeyView):
