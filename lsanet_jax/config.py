@@ -113,6 +113,10 @@ class TrainConfig:
                                "number); the same training as on one device, BatchNorm over the whole batch",
                                group="training", const=True, resume=False)
   keep_checkpoints: int = option(2, "number of newest checkpoints kept", group="run", minimum=1, resume=False)
+  # Saving the whole state takes seconds on a busy CPU, longer than an epoch of a small labelled subset.
+  checkpoint_every: int = option(1, "epochs between checkpoints; the last epoch (and the one --stop-after-epochs "
+                                 "stops at) is always saved, and a run stopped in between resumes from the last "
+                                 "saved epoch", group="run", minimum=1, resume=False)
 
   @classmethod
   def for_variant(cls, variant: str = "lsanet", **settings) -> TrainConfig:

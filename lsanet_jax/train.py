@@ -237,7 +237,8 @@ def train_and_evaluate(config: TrainConfig, workdir, *, variant: str | None = No
                        stop_after_epochs: int | None = None, show_progress: bool | None = None) -> dict | None:
   """Trains on config's data in workdir and returns the summary (None when stopped before the last epoch).
 
-  Writes metrics.jsonl (one line per epoch), checkpoints/ (the whole state after every epoch),
+  Writes metrics.jsonl (one line per epoch), checkpoints/ (the whole state every
+  config.checkpoint_every epochs and after the last one),
   and after the last epoch curves.png, lsa_weights.png and summary.json (every head's scores at
   the epoch with the best validation AUC of config.selection_head).
 
@@ -292,7 +293,8 @@ def train_and_evaluate(config: TrainConfig, workdir, *, variant: str | None = No
                                         on_device=on_device, task=data.task, schedule=schedule,
                                         validate=epoch == config.epochs or epoch % interval == 0)
         writer.write(epoch, record)
-        checkpointer.save(epoch, state_to_checkpoint(state), extra={"epoch": epoch, "best": best}, force=True)
+        if epoch % config.checkpoint_every == 0 or epoch == last_epoch:
+          checkpointer.save(epoch, state_to_checkpoint(state), extra={"epoch": epoch, "best": best}, force=True)
         bar.update(1)
         if best is not None:
           bar.set_postfix(loss=f"{record['loss']:.4f}", best_val_auc=f"{best['val'][config.selection_head]['auc']:.4f}")

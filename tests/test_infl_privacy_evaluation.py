@@ -20,15 +20,19 @@ anndata = pytest.importorskip("anndata")
 pd = pytest.importorskip("pandas")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# Every stage kind at its smallest: 2 lambdas (0 and a main lambda of 1), hardened, one DP
-# epsilon, LiRA with 2 shadows; few rounds, targets and inversion steps.
+# Every stage kind at its smallest: 2 lambdas (0 and a main lambda of 1), hardened (with the attacks on its
+# scramble: public panel on 3 targets + 5 training samples, seeds 0-3), one DP epsilon, LiRA with 2 shadows;
+# few rounds, targets and inversion steps.
 TINY_FLAGS = ["--label-key", "cell_type", "--client-key", "site", "--rounds", "2", "--local-epochs", "1",
               "--lambdas", "0,1", "--main-lambda", "1", "--dp-epsilons", "3", "--num-targets", "3", "--inversion-steps", "5",
               "--inversion-restarts", "1", "--adaptive-samples", "0,2", "--num-shadows", "2", "--shadow-epochs", "2",
-              "--hardened", "--no-progress"]
+              "--hardened", "--panel-extra-samples", "5", "--seed-search", "4", "--no-progress"]
 STAGES = {"plain FedAvg (lambda 0)": ("right_key",), "INFL lambda 1": ATTACKERS, "hardened INFL lambda 1": ATTACKERS,
           "DP-FedAvg eps 3": ("right_key",)}
-OUTPUTS = ("results.json", "table.csv", "table.md", "privacy_utility_lambda.png", "privacy_utility_dp.png")
+OUTPUTS = ("results.json", "table.csv", "table.md", "privacy_utility_lambda.png", "privacy_utility_dp.png",
+           "seed_search.png")
+SCRAMBLE_ROWS = {("hardened INFL lambda 1", attacker, attack) for attacker, attack in (
+    ("public_panel", "analytic"), ("random_guess", "analytic"), ("public_prior", "none"), ("seed_search", "analytic"))}
 
 
 def _write_cohort(path: pathlib.Path, n=120, n_features=12, n_classes=3, n_sites=3, seed=0) -> pathlib.Path:
@@ -87,13 +91,21 @@ def test_evaluation_writes_every_stage_and_attacker(first_run):
   rows = results["rows"]
   seen = {(r["model"], r["attacker"], r["attack"]) for r in rows}
   expected = {(model, attacker, attack) for model, attackers in STAGES.items() for attacker in attackers
-              for attack in ("gradient_inversion", "analytic")}
+              for attack in ("gradient_inversion", "analytic")} | SCRAMBLE_ROWS
   assert seen == expected and len(rows) == len(expected)
   for r in rows:
     accuracies = [r["test_accuracy"], r["key_holder_accuracy"]] + [v for k, v in r.items()
                                                                    if k.startswith("test_accuracy_adaptive_n")]
-    assert all(0.0 <= a <= 1.0 for a in accuracies), r
+    assert all(0.0 <= a <= 1.0 for a in accuracies if a is not None), r
     assert 0.0 <= r["abs_pearson"] <= 1.0 and 0.0 <= r["mia_loss_auc"] <= 1.0
+  scramble = {r["attacker"]: r for r in rows if (r["model"], r["attacker"], r["attack"]) in SCRAMBLE_ROWS}
+  assert scramble["public_panel"]["panel_recovered_samples"] <= 8
+  assert 0.0 <= scramble["public_panel"]["scramble_position_recovered"] <= 1.0
+  # The evaluation's key is seeded (--key-seed 0), so seeds 0-3 hold it (whether 2 rounds of training tell it
+  # apart is for the proteomics run to show; tests/test_hardened_attacks.py checks the search itself).
+  record = results["seed_search"]["hardened INFL lambda 1"]
+  assert record["key_seed"] == 0 and record["seeds"] == [0, 1, 2, 3] and len(record["scores"]) == 4
+  assert scramble["seed_search"]["seed_search_found"] == (record["best_seed"] == 0)
   adaptive = [r for r in rows if r["attacker"] == "adaptive"]
   assert all({"test_accuracy_adaptive_n0", "test_accuracy_adaptive_n2"} <= set(r) for r in adaptive)
   assert [m for m, metrics in results["membership"].items() if "mia_lira_auc" in metrics] == ["INFL lambda 1"]

@@ -74,6 +74,57 @@ def test_lsa_weights_are_a_softmax_over_layers_and_fuse_the_branches():
     lsa.init(jax.random.key(0), feats[:1], train=False)
 
 
+_LSA_ALONE = LayerSelectiveAttention(4, dim=32)
+
+
+@jax.jit
+def _lsa_alone_step(params, opt_state, batch_stats, feats, y):
+  """One Adam step (lr 1e-2) of the LSA module and its fused classifier trained alone on the fused head's CE."""
+  import optax
+
+  def loss_fn(params):
+    (logits, alpha), updates = _LSA_ALONE.apply({"params": params, "batch_stats": batch_stats}, feats, train=True,
+                                                mutable=["batch_stats"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), (alpha, updates)
+
+  (_, (alpha, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  change, opt_state = optax.adam(1e-2).update(grads, opt_state)
+  return optax.apply_updates(params, change), opt_state, updates["batch_stats"], alpha, grads
+
+
+def _train_lsa_alone(strengths, steps=100, n=512, features=24, seed=0):
+  """Branch features relu(strength_i * prototype_i[y] + noise), 4 classes; returns (layer weights, alpha) of
+  the last step."""
+  import optax
+  rng = np.random.default_rng(seed)
+  y = rng.integers(0, 4, n)
+  prototypes = rng.normal(size=(len(strengths), 4, features))
+  feats = [jnp.asarray(np.maximum(0, s * prototypes[i][y] + rng.normal(size=(n, features))), jnp.float32)
+           for i, s in enumerate(strengths)]
+  variables = jax.jit(lambda key, feats: _LSA_ALONE.init(key, feats, train=False))(jax.random.key(seed), feats)
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  opt_state = optax.adam(1e-2).init(params)
+  for i in range(steps):
+    params, opt_state, batch_stats, alpha, grads = _lsa_alone_step(params, opt_state, batch_stats, feats,
+                                                                   jnp.asarray(y))
+    if i == 0:  # the fused head's loss reaches the selection layer
+      assert float(jnp.linalg.norm(grads["select"]["kernel"])) > 0
+  alpha = np.asarray(alpha)
+  return alpha.mean(axis=(0, 2)), alpha
+
+
+def test_lsa_layer_weights_follow_branch_usefulness_and_stay_even_for_equal_branches():
+  # docs/lsanet.md, "LSA layer weights": the mechanism moves the layer weights (averaged over samples and
+  # channels) away from a useless branch ...
+  weights, _ = _train_lsa_alone((0.0, 0.5, 1.5))  # pure noise, weak signal, strong signal
+  assert weights[0] < 0.2 and weights[2] > 0.5, weights
+  # ... and keeps them near 1/3 when the branches are equally useful, as the DKS branches on digits are,
+  # although per sample and channel the selection is far from uniform (the average hides it).
+  weights, alpha = _train_lsa_alone((1.0, 1.0, 1.0))
+  assert np.all((weights > 0.25) & (weights < 0.42)), weights
+  assert alpha.max(axis=1).mean() > 0.6
+
+
 def test_plain_lsanet_is_the_backbone_and_light_heads_are_smaller():
   plain = abstract_params(LSANet("resnet18", 10, width=0.25), 28, 1)
   reference = abstract_params(Classifier("resnet18", 10, width=0.25), 28, 1)

@@ -140,6 +140,23 @@ def test_stopped_and_resumed_run_is_bit_identical(ladder_runs, digits_root, tmp_
 
 
 @pytest.mark.slow
+def test_checkpoint_every_saves_fewer_epochs_and_trains_the_same(ladder_runs, digits_root, tmp_path):
+  reference = ladder_runs["plain"]  # every epoch checkpointed
+  workdir = tmp_path / "sparse"
+  args = TINY + ["--root", str(digits_root), "--label-fraction", "0.1", "--epochs", "3", "--variant", "plain",
+                 "--workdir", str(workdir), "--checkpoint-every", "3", "--keep-checkpoints", "5"]
+  saved = lambda: sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert main(args + ["--stop-after-epochs", "2"]) == 0
+  assert saved() == ["2"]  # epoch 1 is not on the interval; the epoch a run stops at always is
+  assert main(args + ["--resume"]) == 0
+  assert saved() == ["2", "3"]  # the last epoch always is
+  assert read_rows(workdir) == read_rows(reference)
+  untimed = lambda s: {k: v for k, v in s.items() if k not in ("seconds_this_invocation", "config")}
+  assert untimed(summary(workdir)) == untimed(summary(reference))
+  assert summary(workdir)["config"]["checkpoint_every"] == 3
+
+
+@pytest.mark.slow
 def test_augmented_bf16_run(digits_root, tmp_path):
   rc = main(TINY + ["--root", str(digits_root), "--label-fraction", "0.1", "--epochs", "2",
                     "--variant", "plain", "--augment", "--bf16", "--workdir", str(tmp_path / "r")])
@@ -224,10 +241,10 @@ def test_resume_check_covers_every_setting_that_changes_the_result():
   from runkit.config import resume_fingerprint
   fingerprint, defaults = resume_fingerprint(TrainConfig())
   # Where the files lie (and whether MedMNIST comes from its npz or the TFDS dataset built from it), the
-  # device layout and how many checkpoints are kept do not change what is trained; everything else does
+  # device layout and how many (and how often) checkpoints are kept do not change what is trained; everything else does
   # (and checkpoints written before the config moved recorded the same set).
   assert set(fingerprint) == {f.name for f in dataclasses.fields(TrainConfig)} - {
-      "root", "source", "tfds_data_dir", "data_parallel", "keep_checkpoints"}
+      "root", "source", "tfds_data_dir", "data_parallel", "keep_checkpoints", "checkpoint_every"}
   assert set(defaults) == set(fingerprint)
 
 

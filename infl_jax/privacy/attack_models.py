@@ -31,7 +31,8 @@ from infl_jax.privacy.experiment import PrivacyConfig, Stage
 from infl_jax.tasks.classification import classification_metrics
 from runkit.errors import UserInputError
 
-__all__ = ["AttackPrograms", "AttackSetup", "attack_programs", "attack_rows", "attack_setup", "observed_for_dp"]
+__all__ = ["AttackPrograms", "AttackSetup", "attack_programs", "attack_rows", "attack_setup", "observed_for_dp",
+           "output_bias", "score_reconstruction", "split_test_accuracy"]
 
 
 class AttackPrograms(NamedTuple):
@@ -132,7 +133,7 @@ def observed_for_dp(observed, rng, clip_norm: float, noise_multiplier: float):
   return jax.tree_util.tree_unflatten(treedef, noisy)
 
 
-def _output_bias(grads):
+def output_bias(grads):
   """The bias gradient of the output layer (the 'head' of the task models)."""
   if "head" in grads and "bias" in grads["head"]:
     return grads["head"]["bias"]
@@ -171,14 +172,14 @@ class _StageAttack(NamedTuple):
   rng: jax.Array
 
 
-def _test_accuracy(split, logits) -> float:
+def split_test_accuracy(split, logits) -> float:
   return classification_metrics(split.test_y, np.asarray(logits), split.n_classes)["accuracy"]
 
 
 def _view_accuracy(attack: _StageAttack, view: _AttackerView, coords) -> float:
   """Test accuracy of queries through ``view`` with key coordinates ``coords`` (None: no INR path)."""
   split = attack.setup.split
-  return _test_accuracy(split, attack.programs.logits(attack.variables, view.model_inputs(split.test_x), coords))
+  return split_test_accuracy(split, attack.programs.logits(attack.variables, view.model_inputs(split.test_x), coords))
 
 
 def _keyed_attacker(attack: _StageAttack, attacker: str, view: _AttackerView):
@@ -207,7 +208,7 @@ def _adaptive_attacker(attack: _StageAttack, attacker: str, view: _AttackerView)
     k = adaptive.fit_key_vector(attack.model, variables, view.model_inputs(split.val_x[:n]), split.val_y[:n], k0,
                                 model_kwargs={"train": False})
     logits = attack.programs.logits_with_key_vector(variables, view.model_inputs(split.test_x), k)
-    accuracies[n] = _test_accuracy(split, logits)
+    accuracies[n] = split_test_accuracy(split, logits)
   accuracy = accuracies.get(0, next(iter(accuracies.values()), float("nan")))
   return result.x, accuracy, {f"test_accuracy_adaptive_n{n}": a for n, a in accuracies.items()}
 
@@ -217,7 +218,7 @@ _ATTACKERS = {"right_key": _keyed_attacker, "wrong_key_same_mode": _keyed_attack
               "wrong_key_other_mode": _keyed_attacker, "no_inr": _no_inr_attacker, "adaptive": _adaptive_attacker}
 
 
-def _score(setup: AttackSetup, x_rec, labels) -> dict:
+def score_reconstruction(setup: AttackSetup, x_rec, labels) -> dict:
   x_rec = np.nan_to_num(np.asarray(x_rec, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
   return metrics.summarise(metrics.omics_metrics(setup.targets_x, x_rec, feature_std=setup.feature_std,
                                                  y_true=setup.targets_y, y_rec=labels))
@@ -239,7 +240,7 @@ def attack_rows(setup: AttackSetup, stage: Stage, programs: AttackPrograms, mode
                               jnp.asarray(setup.targets_y), right)
   if stage.dp is not None:
     observed = observed_for_dp(observed, dp_rng, setup.config.dp_clip_norm, stage.dp.noise_multiplier)
-  labels = gi.idlg_label(_output_bias(observed))
+  labels = gi.idlg_label(output_bias(observed))
   x_analytic = analytic.recover_first_layer_input(*analytic.find_first_layer(observed, programs.first_layer))
   attack = _StageAttack(setup, programs, model, variables, observed, labels, inversion_rng)
   base = {"model": stage.name, "lambda": stage.key_strength, "hardened": hardened,
@@ -252,5 +253,5 @@ def attack_rows(setup: AttackSetup, stage: Stage, programs: AttackPrograms, mode
     x_inverted, accuracy, extra = _ATTACKERS[attacker](attack, attacker, view)
     for name, x_rec in (("gradient_inversion", x_inverted), ("analytic", x_analytic)):
       rows.append({**base, "attacker": attacker, "attack": name, "test_accuracy": accuracy,
-                   **_score(setup, view.reconstruction(x_rec), labels), **extra})
+                   **score_reconstruction(setup, view.reconstruction(x_rec), labels), **extra})
   return rows

@@ -63,6 +63,14 @@ class PrivacyConfig:
                                       group="attacks", minimum=0)
   adaptive_samples: tuple[int, ...] = option((0, 5, 20), "labelled samples the adaptive attacker fits the key "
                                              "vector on", group="attacks")
+  # On the hardened model only (privacy.hardened_attacks).
+  public_panel: bool = option(True, "attack the hardened model's scramble with the public-panel attacker",
+                              group="attacks")
+  panel_extra_samples: int = option(0, "training samples whose batch-1 gradients the public-panel attacker "
+                                    "recovers besides the targets' (the other samples are its panel)",
+                                    group="attacks", minimum=0)
+  seed_search: int = option(1024, "seeds 0..N-1 the brute-force attacker tries against the hardened model's "
+                            "seeded key (0: none)", group="attacks", minimum=0)
   # membership inference
   num_shadows: int = option(8, "LiRA shadow models (0: no LiRA)", group="membership", minimum=0)
   shadow_epochs: int = option(200, "training epochs of each shadow model", group="membership", minimum=1)

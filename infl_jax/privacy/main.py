@@ -1,6 +1,7 @@
 """``infl-privacy``: the INFL privacy evaluation (attacks, DP-FedAvg, membership inference) on a data set.
 
-Writes WORKDIR/results.json, table.csv, table.md, privacy_utility_lambda.png and privacy_utility_dp.png.
+Writes WORKDIR/results.json, table.csv, table.md, privacy_utility_lambda.png and privacy_utility_dp.png
+(and seed_search.png when the seed search runs).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The privacy evaluation's report: ``table.csv`` (every row), ``table.md`` (the readable summary) and
-the two privacy-utility plots, all from the ``results`` that ``runner.run_evaluation`` returns."""
+"""The privacy evaluation's report: ``table.csv`` (every row), ``table.md`` (the readable summary), the
+two privacy-utility plots and the seed search's plot, all from the ``results`` that
+``runner.run_evaluation`` returns."""
 
 from __future__ import annotations
 
@@ -49,9 +50,34 @@ def write_tables(results: dict, workdir) -> None:
             "validation + test; queried with the right key):", ""]
   lines += _markdown_table(["model"] + mia_columns,
                            [[name] + [m.get(c) for c in mia_columns] for name, m in results["membership"].items()])
+  lines += _scramble_lines(results)
   lines += ["", f"chance accuracy (majority class of the test split): {results['chance_accuracy']:.3f}; "
             f"total time {results['total_seconds']:.0f} s"]
   (workdir / "table.md").write_text("\n".join(lines) + "\n")
+
+
+_SCRAMBLE_COLUMNS = ("model", "attacker", "panel_recovered_samples", "panel_samples", "scramble_position_recovered",
+                     "scramble_position_sign_recovered", "abs_pearson", "test_accuracy")
+_SECONDS_PER_YEAR = 365.25 * 86400
+
+
+def _scramble_lines(results: dict) -> list[str]:
+  """The attacks on the hardened model's scramble: public panel, its baselines, the seed search."""
+  attackers = ("public_panel", "random_guess", "public_prior", "seed_search")
+  rows = [r for r in results["rows"] if r["attacker"] in attackers]
+  if not rows:
+    return []
+  lines = ["", "Attacks on the hardened model's scramble (analytic reconstructions of the targets unscrambled by "
+           "the attacker's guess; positions: share of features placed right; signs: up to one flip of all):", ""]
+  lines += _markdown_table(list(_SCRAMBLE_COLUMNS), [[r.get(c) for c in _SCRAMBLE_COLUMNS] for r in rows])
+  for name, record in results.get("seed_search", {}).items():
+    rate = record["per_second"]
+    lines += ["", f"Seed search on {name}: {len(record['seeds'])} seeds tried, lowest score at seed "
+              f"{record['best_seed']} (the key's seed: {record['key_seed']}); {rate:.0f} candidates/s end to end "
+              f"(derivation {record['derive_per_second']:.0f}/s, jitted test {record['score_per_second']:.0f}/s); "
+              f"all 2^32 seeds: {2.0 ** 32 / rate / 86400:.1f} days at this rate; 2^256 key materials: "
+              f"{2.0 ** 256 / rate / _SECONDS_PER_YEAR:.1e} years"]
+  return lines
 
 
 def _save(plt, fig, ax, results: dict, xlabel: str, title: str, path: pathlib.Path) -> None:
@@ -98,9 +124,26 @@ def _plot_over_epsilon(plt, results: dict, path: pathlib.Path) -> None:
   _save(plt, fig, ax, results, "test accuracy", "DP-FedAvg, privacy vs utility", path)
 
 
+def _plot_seed_search(plt, results: dict, path: pathlib.Path) -> None:
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  for name, record in results["seed_search"].items():
+    ax.plot(record["seeds"], record["scores"], lw=0.7, label=name)
+    if record["key_seed"] in record["seeds"]:
+      i = record["seeds"].index(record["key_seed"])
+      ax.scatter([record["key_seed"]], [record["scores"][i]], color="tab:red", zorder=3, label="the key's seed")
+  ax.set_xlabel("candidate seed")
+  ax.set_ylabel("test score (lower: more like the key)")
+  ax.set_title(f"{results['dataset']}: brute force over seed-derived keys")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def plot_privacy_utility(results: dict, workdir) -> None:
   """Two PNGs: attack success (median |Pearson|) against utility, over lambda (the key holder's
-  accuracy; faithful, with hardened at the main lambda) and over DP epsilon (test accuracy)."""
+  accuracy; faithful, with hardened at the main lambda) and over DP epsilon (test accuracy); a third,
+  ``seed_search.png``, with every candidate's score when the seed search ran."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -109,3 +152,5 @@ def plot_privacy_utility(results: dict, workdir) -> None:
   workdir = pathlib.Path(workdir)
   _plot_over_lambda(plt, results, workdir / "privacy_utility_lambda.png")
   _plot_over_epsilon(plt, results, workdir / "privacy_utility_dp.png")
+  if results.get("seed_search"):
+    _plot_seed_search(plt, results, workdir / "seed_search.png")

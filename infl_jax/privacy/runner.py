@@ -1,5 +1,6 @@
 """Runs the privacy evaluation: trains each stage's model (``experiment.plan_stages``), attacks it
-(``attack_models``), measures membership inference, and writes the report (``report``).
+(``attack_models``; the hardened model's scramble also ``hardened_attacks``), measures membership inference,
+and writes the report (``report``).
 
 Membership inference (``attacks.membership``) on each final global model: the loss threshold for
 every model, LiRA with shadow models where the stage asks for it; members are the training set,
@@ -29,6 +30,7 @@ from infl_jax.privacy import report
 from infl_jax.privacy.attack_models import AttackPrograms, AttackSetup, attack_programs, attack_rows, attack_setup
 from infl_jax.privacy.experiment import (PrivacyConfig, Stage, dp_runs, inversion_config, plan_stages,
                                          resolve_main_lambda)
+from infl_jax.privacy.hardened_attacks import check_panel_settings, hardened_attack_rows
 from infl_jax.tasks.classification import classification_task, client_data, create_model, init_variables, load_data
 from runkit.cli import progress
 from runkit.errors import UserInputError
@@ -70,6 +72,7 @@ class _Evaluation:
   config: PrivacyConfig
   setup: AttackSetup
   programs: dict[float, ModelPrograms] = dataclasses.field(default_factory=dict)
+  seed_search: dict[str, dict] = dataclasses.field(default_factory=dict)  # per stage: every candidate's score
 
   @property
   def coords(self) -> jax.Array:
@@ -149,7 +152,13 @@ def _run_hardened(ev: _Evaluation, stage: Stage):
   programs = ev.programs_for(stage.key_strength)
   split = hardlib.harden_split(ev.setup.split, ev.setup.key)  # the clients scramble their data with the key
   variables = _train(programs, programs.fedavg, programs.fedavg_round, split, ev.coords)
-  return _measure(ev, stage, programs, variables, split)
+  rows, mia = _measure(ev, stage, programs, variables, split)
+  # The attacks on the scramble itself: the public-panel attacker, its baselines, the seed search.
+  scramble_rows, record = hardened_attack_rows(ev.setup, stage, programs.attacks, variables,
+                                               rows[0]["key_holder_accuracy"])
+  if record:
+    ev.seed_search[stage.name] = record
+  return rows + scramble_rows, mia
 
 
 def _run_dp(ev: _Evaluation, stage: Stage):
@@ -174,6 +183,7 @@ def run_evaluation(config: PrivacyConfig, workdir, *, show_progress: bool | None
   if len(split.test_y) < config.num_targets:
     raise UserInputError(f"--num-targets {config.num_targets} but the test split has only {len(split.test_y)} "
                          "samples; lower --num-targets")
+  check_panel_settings(config, split)
   sampling_rate, runs = dp_runs(config, split.n_clients)
   stages = plan_stages(config, main_lambda, runs)
   ev = _Evaluation(config, attack_setup(config, split))
@@ -193,7 +203,7 @@ def run_evaluation(config: PrivacyConfig, workdir, *, show_progress: bool | None
       "main_lambda": main_lambda,
       "dp": {"delta": config.dp_delta, "clip_norm": config.dp_clip_norm, "sampling_rate": sampling_rate,
              "rounds": config.train_config(0.0).rounds, "runs": [run._asdict() for run in runs]},
-      "membership": mia, "rows": rows, "seconds": seconds,
+      "membership": mia, "rows": rows, "seed_search": ev.seed_search, "seconds": seconds,
       "total_seconds": time.perf_counter() - started, "config": dataclasses.asdict(config),
   }
   write_json_atomic(workdir / "results.json", results)
