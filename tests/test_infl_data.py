@@ -395,6 +395,6 @@ def test_import_and_array_path_work_without_anndata():
         raise AssertionError("loading pbmc without scanpy should fail clearly")
       print("ok")
   """)
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                        cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
   assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

@@ -74,7 +74,7 @@ def test_sharded_round_equals_single_device_round_on_four_host_devices():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
   done = subprocess.run([sys.executable, "-c", _CHILD], env=env, cwd=root, capture_output=True, text=True,
-                        timeout=300)
+                        timeout=900)
   assert done.returncode == 0, done.stderr[-4000:]
   report = json.loads(done.stdout.split("REPORT", 1)[1])
   assert report["data_spec"] == ["clients"]

@@ -79,7 +79,7 @@ def test_data_parallel_epochs_equal_single_device_epochs(tmp_path):
              XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_cpu_multi_thread_eigen=false",
              JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, cwd=tmp_path,
-                        env=env, timeout=240)
+                        env=env, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   out = json.loads(proc.stdout.split("RESULT", 1)[1])
   assert out["steps"] == 4 and out["step"] == 4

@@ -257,7 +257,7 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
 def test_script_entry_point_runs():
   repo = pathlib.Path(__file__).resolve().parents[1]
   out = subprocess.run([sys.executable, str(repo / "scripts" / "lsanet_train.py"), "--help"],
-                       capture_output=True, text=True, cwd=repo, timeout=120,
+                       capture_output=True, text=True, cwd=repo, timeout=600,
                        env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"})
   assert out.returncode == 0 and "--label-fraction" in out.stdout
 
