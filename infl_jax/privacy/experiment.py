@@ -100,10 +100,11 @@ class PrivacyConfig:
     return self
 
   def train_config(self, key_strength: float) -> TrainConfig:
+    # faithful: the evaluation applies the hardened scheme itself, per stage (privacy.hardened).
     return TrainConfig.for_dataset(self.dataset, label_key=self.label_key, client_key=self.client_key,
                                    rounds=self.rounds, local_epochs=self.local_epochs,
                                    key_strength=float(key_strength), key_mode=self.key_mode, seed=self.seed,
-                                   central_baseline=False)
+                                   central_baseline=False, key_scheme="faithful")
 
 
 def inversion_config(config: PrivacyConfig) -> gi.InversionConfig:
