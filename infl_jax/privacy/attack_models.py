@@ -31,8 +31,8 @@ from infl_jax.privacy.experiment import PrivacyConfig, Stage
 from infl_jax.tasks.classification import classification_metrics
 from runkit.errors import UserInputError
 
-__all__ = ["AttackPrograms", "AttackSetup", "attack_programs", "attack_rows", "attack_setup", "observed_for_dp",
-           "output_bias", "score_reconstruction", "split_test_accuracy"]
+__all__ = ["AttackPrograms", "AttackSetup", "adaptive_key_vector", "attack_programs", "attack_rows", "attack_setup",
+           "observed_for_dp", "output_bias", "score_reconstruction", "split_test_accuracy"]
 
 
 class AttackPrograms(NamedTuple):
@@ -196,6 +196,15 @@ def _no_inr_attacker(attack: _StageAttack, attacker: str, view: _AttackerView):
   return result.x, _view_accuracy(attack, view, None), {}
 
 
+def adaptive_key_vector(model: nn.Module, variables, x, y, k0: jax.Array) -> jax.Array:
+  """The adaptive attacker's key vector after seeing labelled samples ``(x [n, F], y [n])``: fitted from its
+  prior ``k0`` (``adaptive.prior_key_vector`` of the key's mode) with the model in inference mode, as the
+  attacker then queries it (n = 0: ``k0``). ``x`` as the attacker holds it: raw features, on a hardened model
+  too, since without the key it cannot apply the clients' scramble (``_view`` gives it none). Shared with
+  ``scripts/infl_seed_study.py`` so that both measure the same attacker."""
+  return adaptive.fit_key_vector(model, variables, x, y, k0, model_kwargs={"train": False})
+
+
 def _adaptive_attacker(attack: _StageAttack, attacker: str, view: _AttackerView):
   del attacker
   setup, variables = attack.setup, attack.variables
@@ -205,8 +214,7 @@ def _adaptive_attacker(attack: _StageAttack, attacker: str, view: _AttackerView)
   split = setup.split
   accuracies = {}
   for n in setup.config.adaptive_samples:
-    k = adaptive.fit_key_vector(attack.model, variables, view.model_inputs(split.val_x[:n]), split.val_y[:n], k0,
-                                model_kwargs={"train": False})
+    k = adaptive_key_vector(attack.model, variables, view.model_inputs(split.val_x[:n]), split.val_y[:n], k0)
     logits = attack.programs.logits_with_key_vector(variables, view.model_inputs(split.test_x), k)
     accuracies[n] = split_test_accuracy(split, logits)
   accuracy = accuracies.get(0, next(iter(accuracies.values()), float("nan")))
