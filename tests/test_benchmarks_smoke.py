@@ -1,6 +1,5 @@
 """Smoke tests of the benchmark scripts under benchmarks/: CPU-sized runs, real checks of their JSON."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -8,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+
+from script_modules import load_module
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
@@ -17,11 +18,7 @@ def _load_benchmark(name: str):
   # The scripts import their siblings (harness, torch_models, ...) as a script run from there would.
   if str(BENCHMARKS) not in sys.path:
     sys.path.insert(0, str(BENCHMARKS))
-  spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
+  return load_module(BENCHMARKS / f"{name}.py", f"benchmarks_{name}")
 
 
 def test_infl_round_benchmark_small(tmp_path):

@@ -1,13 +1,13 @@
 """scripts/infl_seed_study.py: the adaptive attacker's row (--adaptive-samples) on a tiny proteomics run, and the
 clustering tasks' headline rows (a tiny spatial run; a nutrimouse-shaped summary)."""
 
-import importlib.util
 import pathlib
 
 import numpy as np
 import pytest
 
 from infl_jax.attacks import adaptive
+from script_modules import load_module
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # A few rounds of a small MLP on 200 proteins: the row's plumbing, not its figures.
@@ -22,10 +22,7 @@ CONDITIONS = ("right_key", "wrong_key_same_mode", "wrong_key_other_mode", "no_in
 
 @pytest.fixture(scope="module")
 def study():
-  spec = importlib.util.spec_from_file_location("infl_seed_study", REPO / "scripts" / "infl_seed_study.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_module(REPO / "scripts" / "infl_seed_study.py", "infl_seed_study")
 
 
 def test_adaptive_attacker_fits_on_raw_validation_samples_never_test(study, monkeypatch):

@@ -1,20 +1,18 @@
 """The label-efficiency study's aggregation, tables, figure and parameter split, from fake per-cell rows
 (no training; a few seconds)."""
-import importlib.util
 import pathlib
 
 import numpy as np
 import pytest
+
+from script_modules import load_module
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def study():
-  spec = importlib.util.spec_from_file_location("lsanet_label_study", REPO / "scripts" / "lsanet_label_study.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_module(REPO / "scripts" / "lsanet_label_study.py", "lsanet_label_study")
 
 
 def row(variant, fraction, seed, main_acc, fused_acc=None, label_seed=None, num_train=10, epochs=60, lsa=None):
