@@ -4,7 +4,9 @@ A checkpoint holds two items: ``state`` (a pytree of arrays: parameters, optimiz
 state, PRNG key data, counters) and ``meta`` (JSON: the run's config, so an
 incompatible resume is refused, plus whatever JSON the caller passes as ``extra``).
 Orbax writes each step into a temporary folder and renames it when complete, so a
-run killed mid-save leaves the previous checkpoint intact.
+run killed mid-save leaves the previous checkpoint intact. Saves are asynchronous: ``save`` returns once
+the arrays are copied to host memory and the files are written while training goes on (a run waits for
+a pending write before the next save, before reading, and on ``close``).
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         create=True,
-        enable_async_checkpointing=False,
+        enable_async_checkpointing=True,
     )
     with _orbax_logs_muted():  # it logs each unreadable step's metadata file; restore reports that step
       self._manager = ocp.CheckpointManager(
@@ -142,13 +144,14 @@ class Checkpointer:
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
         force=True,
     )
-    self._manager.wait_until_finished()
     return True
 
   def all_steps(self) -> list[int]:
+    self.wait()
     return sorted(self._manager.all_steps())
 
   def latest_step(self) -> int | None:
+    self.wait()
     return self._manager.latest_step()
 
   def restore(self, state_template, step: int | None = None):

@@ -8,7 +8,8 @@ import dataclasses
 import functools
 import inspect
 import sys
-from typing import Any, Callable, NamedTuple
+import threading
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -27,9 +28,9 @@ from infl_jax.tasks.common import (check_key_version, stopped_early, train_feder
 from runkit.errors import UserInputError
 from runkit.xla import ONCE, compiler_options
 
-__all__ = ["CentralRun", "accepts_kwarg", "accepts_mask", "binary_auc", "classification_metrics",
+__all__ = ["accepts_kwarg", "accepts_mask", "binary_auc", "classification_metrics",
            "classification_task", "client_data", "client_split", "create_model", "cross_entropy", "evaluate",
-           "format_summary", "init_variables", "load_data", "predict_logits", "prepare_central", "run", "softmax",
+           "format_summary", "init_variables", "load_data", "predict_logits", "run", "softmax",
            "train_central"]
 
 
@@ -78,12 +79,14 @@ def predict_logits(model: nn.Module, variables, x: np.ndarray, key_coords: Any =
                    batch_size: int = 4096) -> np.ndarray:
   """Inference-mode logits, in fixed-size batches so one compiled function serves any input size.
 
-  Inputs are padded to a shape bucket (the next power of two, at least 256 rows, at most ``batch_size``
-  per call), so validation and test sets of different sizes share one compiled function.
+  Inputs are padded to a shape bucket (the next power of two, at least 32 rows, at most ``batch_size`` per
+  call), so one compiled function serves every set of a size class (the key study's four conditions, the
+  central baseline). The floor is small because validation runs every round: padding a 30-sample set to
+  256 rows cost more than the round's training on a 200 x 10,000 file (benchmarks/infl_time_to_result.py).
   """
   x = np.asarray(x, np.float32)
   n = x.shape[0]
-  size = min(batch_size, max(256, 1 << max(n - 1, 0).bit_length()))
+  size = min(batch_size, max(32, 1 << max(n - 1, 0).bit_length()))
   coords = None if key_coords is None else jnp.asarray(key_coords, jnp.float32)
   out = []
   for start in range(0, n, size):
@@ -246,23 +249,17 @@ def evaluate(model, variables, x, y, num_classes: int, key_coords) -> dict[str, 
   return classification_metrics(y, predict_logits(model, variables, x, key_coords), num_classes)
 
 
-class CentralRun(NamedTuple):
-  """The central baseline ready to run: its compiled round, initial state and pooled data."""
-
-  round_fn: Callable
-  state: ServerState
-  pooled: ClientData
-  coords: jax.Array
-
-
-def prepare_central(config: TrainConfig, model, split, coords, rng: jax.Array) -> CentralRun:
+def train_central(config: TrainConfig, model, split, coords, rng: jax.Array, *,
+                  abandoned: threading.Event | None = None) -> dict | None:
   """The utility reference: the same network, optimizer, schedule and model selection on the pooled
-  training data, i.e. the federated protocol with one client that holds every training sample.
+  training data, i.e. the federated protocol with one client that holds every training sample. Returns its
+  test metrics, right key, at the round selected on validation; None if ``abandoned`` was set mid-run.
 
   Each round that client trains ``local_epochs`` epochs from the previous round's model (FedAvg over
   one client keeps its model), so central and federated training differ only in the split of the data.
-  Its round is compiled here, ahead of time, so that ``run`` can prepare it in a background thread while
-  the federated rounds run (on CPU one core compiles while the other runs the rounds' small kernels).
+  ``run`` trains it in a background thread alongside the federated rounds: on CPU the rounds' many small
+  kernels leave a core idle, so compiling and running both at once shortens a run (time to result,
+  benchmarks/infl_time_to_result.py); each is deterministic on its own, so the figures do not change.
   """
   pooled = stack_clients([{"x": split.train_x.astype(np.float32), "y": split.train_y.astype(np.int32)}],
                          key_version=config.key_version)
@@ -272,17 +269,12 @@ def prepare_central(config: TrainConfig, model, split, coords, rng: jax.Array) -
   init_rng, server_rng = jax.random.split(rng)
   state = algo.init(init_variables(model, split.n_features, init_rng), server_rng, key_version=config.key_version)
   coords = jnp.asarray(coords)
-  return CentralRun(jit_round(algo.round).lower(state, pooled, coords).compile(), state, pooled, coords)
-
-
-def train_central(config: TrainConfig, model, split, coords, rng: jax.Array, *,
-                  prepared: CentralRun | None = None) -> dict:
-  """Trains the central baseline (``prepare_central``; ``prepared`` if it is ready) and returns its test
-  metrics, right key, at the round selected on validation."""
-  run = prepared or prepare_central(config, model, split, coords, rng)
-  result = run_rounds(run.round_fn, run.state, run.pooled, run.coords, rounds=config.rounds,
+  stop = None if abandoned is None else (lambda *_: abandoned.is_set())
+  result = run_rounds(jit_round(algo.round), state, pooled, coords, rounds=config.rounds,
                       extra_metrics=validation_metrics(config, model, split, coords),
-                      select=validation_score(config))
+                      select=validation_score(config), should_stop=stop)
+  if abandoned is not None and abandoned.is_set():
+    return None
   return evaluate(model, global_variables(result.best_or_last), split.test_x, split.test_y, split.n_classes, coords)
 
 
@@ -322,19 +314,24 @@ def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = F
   coords = jnp.asarray(key.coords)
   init_rng, server_rng, central_rng = jax.random.split(jax.random.key(config.seed), 3)
 
-  # The central baseline's round compiles in the background while the federated rounds run (not when the
-  # run is to stop early: it would not be used).
+  # The central baseline trains in the background while the federated rounds run (not when the run is to
+  # stop early: it would not be used); a failed federated run abandons it rather than wait for it.
+  abandoned = threading.Event()
   with concurrent.futures.ThreadPoolExecutor(1) as background:
-    central = (background.submit(prepare_central, config, model, split, key.coords, central_rng)
+    central = (background.submit(train_central, config, model, split, key.coords, central_rng, abandoned=abandoned)
                if config.central_baseline and stop_after_round is None else None)
-    result = train_federated(config, workdir, algo, init_variables(model, split.n_features, init_rng),
-                             client_data(split, config.key_version), coords, rng=server_rng, resume=resume,
-                             stop_after_round=stop_after_round, show_progress=show_progress,
-                             extra_metrics=validation_metrics(config, model, split, coords),
-                             select=validation_score(config))
+    try:
+      result = train_federated(config, workdir, algo, init_variables(model, split.n_features, init_rng),
+                               client_data(split, config.key_version), coords, rng=server_rng, resume=resume,
+                               stop_after_round=stop_after_round, show_progress=show_progress,
+                               extra_metrics=validation_metrics(config, model, split, coords),
+                               select=validation_score(config))
+    except BaseException:
+      abandoned.set()
+      raise
     if stopped := stopped_early(result, config):
       return stopped
-    central = None if central is None else central.result()
+    central_test = None if central is None else central.result()
 
   variables = global_variables(result.best_or_last)
   test = {name: evaluate(model, variables, view.inputs(raw.test_x), split.test_y, split.n_classes, view.coords)
@@ -355,9 +352,8 @@ def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = F
       "test": test,
       "config": dataclasses.asdict(config),
   }
-  if config.central_baseline:
-    summary["central_right_key_test"] = train_central(config, model, split, key.coords, central_rng,
-                                                      prepared=central)
+  if central_test is not None:
+    summary["central_right_key_test"] = central_test
   return write_summary(workdir, summary)
 
 
