@@ -5,12 +5,16 @@
         --classes-per-client 2
     python scripts/infl_seed_study.py --seeds 0 1 2 3 4 --compare-schemes -- --dataset proteomics
     python scripts/infl_seed_study.py --seeds 0 1 2 3 4 --compare-schemes -- --dataset spatial
+    python scripts/infl_seed_study.py --seeds 0 --key-seeds 100 101 102 103 104 -- --dataset proteomics
 
 Everything after ``--`` is infl-train's flags (without --workdir and --seed; the seed sets the split,
 the partition, the initialisation, the training and the key). Prints one JSON line per seed, then one
 with mean, std (ddof 1) and the per-seed values. ``--compare-schemes`` runs every seed under both key
 schemes (``--key-scheme faithful`` and ``hardened``, the same key) and adds the paired difference of
-the right-key figures. ``--adaptive-samples N`` (classification) adds ``adaptive_nN``: the test accuracy of
+the right-key figures. ``--key-seeds K...`` keeps each seed's split, initialisation and training randomness
+and varies the key instead (one row per seed and key seed): under the hardened scheme the key also scrambles
+the inputs, so a seed's figure depends on it, and README command (a), which runs seed 0 with a fresh random
+key each time, prints a draw from that spread. ``--adaptive-samples N`` (classification) adds ``adaptive_nN``: the test accuracy of
 infl-privacy's adaptive attacker, who holds the server's weights and N labelled validation samples
 (``adaptive_accuracy``).
 
@@ -136,7 +140,8 @@ def scheme_independent(name: str) -> bool:
   return name in ("metric", "chance") or name.startswith("baseline_")
 
 
-def key_study(train_flags: list[str], seed: int, adaptive_samples: int | None = None) -> dict:
+def key_study(train_flags: list[str], seed: int, adaptive_samples: int | None = None,
+              key_seed: int | None = None) -> dict:
   config = config_for_seed(train_flags, seed)
   if config.task not in HEADLINE_TASKS:
     raise UserInputError(f"the seed study has no headline figure for --task {config.task}; "
@@ -144,7 +149,7 @@ def key_study(train_flags: list[str], seed: int, adaptive_samples: int | None = 
   if adaptive_samples is not None and config.task != "classification":
     raise UserInputError(f"--adaptive-samples attacks classifiers; --task {config.task} has none to attack")
   # A seeded key on purpose: the study reruns each seed exactly (insecure, and never saved).
-  key = keylib.generate_key(seed=seed)
+  key = keylib.generate_key(seed=seed if key_seed is None else key_seed)
   with tempfile.TemporaryDirectory() as workdir:
     summary = train_and_evaluate(config, workdir, key, show_progress=False)
     adaptive_row = ({} if adaptive_samples is None else
@@ -158,9 +163,10 @@ def key_study(train_flags: list[str], seed: int, adaptive_samples: int | None = 
   return row
 
 
-def compare_schemes(train_flags: list[str], seed: int, adaptive_samples: int | None = None) -> dict:
+def compare_schemes(train_flags: list[str], seed: int, adaptive_samples: int | None = None,
+                    key_seed: int | None = None) -> dict:
   """The key study under the faithful and under the hardened key scheme, same seed and key: a paired row."""
-  rows = {scheme: key_study([*train_flags, "--key-scheme", scheme], seed, adaptive_samples)
+  rows = {scheme: key_study([*train_flags, "--key-scheme", scheme], seed, adaptive_samples, key_seed)
           for scheme in ("faithful", "hardened")}
   row = {f"{scheme}_{name}": value for scheme, r in rows.items() for name, value in r.items()
          if name != "evaluated_round" and not scheme_independent(name)}
@@ -177,14 +183,19 @@ def main() -> None:
   p.add_argument("--adaptive-samples", type=int, metavar="N",
                  help="also score the adaptive attacker that fits the key vector on N labelled validation samples "
                       "(classification; off by default)")
+  p.add_argument("--key-seeds", type=int, nargs="+", metavar="K",
+                 help="run each seed once per key seed K (the same split and training randomness, another key) "
+                      "instead of with the key of its own seed")
   p.add_argument("train_flags", nargs=argparse.REMAINDER, help="infl-train flags, after --")
   args = p.parse_args()
   train_flags = [f for f in args.train_flags if f != "--"] or ["--dataset", "proteomics"]
   study = compare_schemes if args.compare_schemes else key_study
   rows = []
   for seed in args.seeds:
-    rows.append(study(train_flags, seed, args.adaptive_samples))
-    print(json.dumps({"seed": seed, **rows[-1]}), flush=True)
+    for key_seed in args.key_seeds or [None]:
+      rows.append(study(train_flags, seed, args.adaptive_samples, key_seed))
+      print(json.dumps({"seed": seed, **({} if key_seed is None else {"key_seed": key_seed}), **rows[-1]}),
+            flush=True)
   print(json.dumps(seed_summary(rows)))
 
 

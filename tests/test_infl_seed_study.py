@@ -75,3 +75,24 @@ def test_multiomics_headline_is_the_mosaic_ari_on_diet_and_the_summary_line_keep
   line = study.seed_summary([row, {**row, "right_key": 0.2}])
   assert line["metric"] == "ari_diet"
   assert line["right_key"] == {"mean": 0.1, "std": 0.141, "per_seed": [0.0, 0.2]}
+
+
+class _Stopped(Exception):
+  pass
+
+
+def test_key_seeds_vary_the_key_and_keep_the_seed(study, monkeypatch):
+  from infl_jax import keys as keylib
+
+  seen = []
+
+  def record(config, workdir, key, **kwargs):
+    seen.append((config.seed, key.fingerprint))
+    raise _Stopped  # the key is all this test needs; no training
+
+  monkeypatch.setattr(study, "train_and_evaluate", record)
+  for key_seed in (None, 7, 8):
+    with pytest.raises(_Stopped):
+      study.key_study(TINY, seed=3, key_seed=key_seed)
+  assert [seed for seed, _ in seen] == [3, 3, 3]
+  assert [fingerprint for _, fingerprint in seen] == [keylib.generate_key(seed=s).fingerprint for s in (3, 7, 8)]
