@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import pathlib
 import sys
@@ -35,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, help="folder for checkpoints, metrics.jsonl and summary.json")
   p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its last checkpoint")
   add_compile_cache_argument(p)
+  multi = p.add_argument_group("multi-process simulation", "one run over several processes (jax.distributed; "
+                               "classification): start every process with the same options, each with its own "
+                               "--process-id")
+  multi.add_argument("--coordinator-address", metavar="HOST:PORT", help="where process 0 serves the "
+                     "coordination service, e.g. 10.0.0.1:1234")
+  multi.add_argument("--num-processes", type=int, metavar="N", help="how many processes run the simulation")
+  multi.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1 (0 writes the "
+                     "records)")
   return p
 
 
@@ -70,6 +79,50 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     raise UserInputError(f"--bf16 is available for the classification task, not yet for {config.task!r}; "
                          "drop --bf16")
   return config
+
+
+def check_distributed_arguments(args: argparse.Namespace, config: TrainConfig) -> bool:
+  """Whether the run spans several processes; refuses incomplete or contradictory settings (exit 2)."""
+  from infl_jax.federated.distributed import check_settings
+
+  multi = check_settings(args.coordinator_address, args.num_processes, args.process_id)
+  if multi and config.task != "classification":
+    raise UserInputError(f"a multi-process run is available for the classification task, not yet for "
+                         f"{config.task!r}; drop --coordinator-address/--num-processes/--process-id")
+  return multi
+
+
+def read_shared_key(args: argparse.Namespace, workdir: pathlib.Path):
+  """A process other than 0 of a multi-process run: the key file process 0 created or loaded, read only
+  (on a host of its own: a copy of it at --key-file)."""
+  from infl_jax import keys as keylib
+
+  path = key_path(args, workdir)
+  if not path.exists():
+    raise UserInputError(f"process {args.process_id}: the clients' key file {path} does not exist on this host; "
+                         "copy the run's key file there (or pass --key-file)")
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", keylib.InsecureKeyWarning)  # process 0 says it
+    return keylib.load_key(path, allow_shared=args.allow_shared_key_file)
+
+
+def shared_key(args: argparse.Namespace, config: TrainConfig, workdir: pathlib.Path):
+  """The clients' key in every process of a multi-process run: process 0 loads or creates it, then the
+  others read it; all must hold the same key (compared by fingerprint, which is public)."""
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  from infl_jax.federated.distributed import is_primary
+
+  key = load_or_create_key(args, config, workdir) if is_primary() else None
+  multihost_utils.sync_global_devices("infl-train: key file ready")
+  if key is None:
+    key = read_shared_key(args, workdir)
+  fingerprints = multihost_utils.process_allgather(np.frombuffer(bytes.fromhex(key.fingerprint), np.uint8))
+  if len({bytes(row) for row in np.asarray(fingerprints)}) > 1:
+    raise UserInputError(f"process {args.process_id}: the processes hold different keys (key file "
+                         f"{key_path(args, workdir)}); give every process a copy of the same key file")
+  return key
 
 
 def key_path(args: argparse.Namespace, workdir: pathlib.Path) -> pathlib.Path:
@@ -122,13 +175,23 @@ def _main(argv=None) -> None:
   args = build_parser().parse_args(argv)
   check_key_arguments(args)
   config = config_from_args(args)
+  multi_process = check_distributed_arguments(args, config)
   workdir = prepare_workdir(args.workdir, resume=args.resume, create=False)
+  if multi_process:  # before anything touches a device
+    from infl_jax.federated.distributed import initialize
+    initialize(args.coordinator_address, args.num_processes, args.process_id)
   enable_compilation_cache(args.compile_cache)
+  primary = not multi_process or args.process_id == 0
   # A run that fails before its first checkpoint (bad data, a wrong --label-key) takes back the key
   # file and folders it made: left behind, the key made the next run with --key-seed refuse to start.
-  with workdir_transaction(workdir, files=[key_path(args, workdir)], create=True):
-    key = load_or_create_key(args, config, workdir)
+  # In a multi-process run only process 0 writes there, so only it takes anything back.
+  transaction = (workdir_transaction(workdir, files=[key_path(args, workdir)], create=True) if primary
+                 else contextlib.nullcontext())
+  with transaction:
+    key = shared_key(args, config, workdir) if multi_process else load_or_create_key(args, config, workdir)
     summary = train_and_evaluate(config, workdir, key, resume=args.resume)
+  if not primary:
+    return
   print(TASKS[config.task].format_summary(summary))
   written = [workdir / "summary.json", workdir / "metrics.jsonl"] + ([summary["h5ad"]] if "h5ad" in summary else [])
   print(f"wrote {', '.join(map(str, written))}")

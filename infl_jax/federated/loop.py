@@ -121,7 +121,9 @@ def run_rounds(round_fn: RoundFn, state: ServerState, clients: Any, context: Any
       history = extra.get("history", [])
       if _best(history, select)[0] is not None:
         selected = ServerState(**restored["selected"])
-    writer = MetricsWriter(run_dir.workdir, resume_from_step=int(state.round) if run_dir.resume else None)
+    # One writer in a multi-process run: process 0 (docs/design.md, "Multi-host simulation").
+    if jax.process_index() == 0:
+      writer = MetricsWriter(run_dir.workdir, resume_from_step=int(state.round) if run_dir.resume else None)
   best_round, best_score = _best(history, select)
   start = int(state.round)
   bar = progress(range(start, rounds), total=rounds, initial=start, desc="rounds",
@@ -146,8 +148,9 @@ def run_rounds(round_fn: RoundFn, state: ServerState, clients: Any, context: Any
       if score is not None and (best_score is None or score >= best_score):
         best_round, best_score, selected = done, score, state
       stop = should_stop is not None and should_stop(state, done)
-      if writer is not None:
-        writer.write(done, row)
+      if checkpointer is not None:
+        if writer is not None:
+          writer.write(done, row)
         # ``selected`` is the newest state when nothing is scored, so the checkpoint's layout is fixed.
         checkpointer.save(done, {"state": state._asdict(), "selected": (selected or state)._asdict()},
                           extra={"history": history, "selected_round": best_round}, force=(done == rounds or stop))
@@ -157,5 +160,6 @@ def run_rounds(round_fn: RoundFn, state: ServerState, clients: Any, context: Any
     bar.close()
     if writer is not None:
       writer.close()
+    if checkpointer is not None:
       checkpointer.close()
   return RoundsResult(state, history, time.perf_counter() - t0, selected)

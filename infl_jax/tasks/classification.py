@@ -23,7 +23,7 @@ from infl_jax.config import GENERIC_N_CLIENTS, TrainConfig
 from infl_jax.federated import (ClientData, ServerState, Task, algorithm_from_config, global_variables, jit_round,
                                 run_rounds, stack_clients)
 from infl_jax.key_scheme import KeyView, client_view, study_views
-from infl_jax.tasks.common import (check_key_version, stopped_early, train_federated,
+from infl_jax.tasks.common import (check_key_version, split_clients, stopped_early, train_federated,
                                    write_summary)
 from runkit.errors import UserInputError
 from runkit.xla import ONCE, compiler_options
@@ -322,7 +322,7 @@ def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = F
                if config.central_baseline and stop_after_round is None else None)
     try:
       result = train_federated(config, workdir, algo, init_variables(model, split.n_features, init_rng),
-                               client_data(split, config.key_version), coords, rng=server_rng, resume=resume,
+                               split_clients(split, config.key_version), coords, rng=server_rng, resume=resume,
                                stop_after_round=stop_after_round, show_progress=show_progress,
                                extra_metrics=validation_metrics(config, model, split, coords),
                                select=validation_score(config))

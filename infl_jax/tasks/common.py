@@ -14,11 +14,13 @@ import numpy as np
 from infl_jax import keys as keylib
 from infl_jax.config import TrainConfig
 from infl_jax.federated import (ClientData, FederatedAlgorithm, RoundsResult, RunDir, ServerState, client_mesh,
-                                jit_round, run_rounds, shard_clients)
+                                jit_round, run_rounds, shard_clients, stack_clients)
+from infl_jax.federated.distributed import is_primary
+from infl_jax.federated.sharding import ClientSource, local_copy, replicate
 from runkit.errors import CheckpointError, UserInputError
 from runkit.metrics_log import write_json_atomic
 
-__all__ = ["check_key_version", "resume_settings", "stopped_early", "train_federated",
+__all__ = ["check_key_version", "resume_settings", "split_clients", "stopped_early", "train_federated",
            "training_record", "write_h5ad", "write_summary"]
 
 
@@ -48,8 +50,22 @@ def _key_mismatch(error: CheckpointError, config: TrainConfig) -> UserInputError
                         f"{found.group(1)}; pass the run's --key-file{more}")
 
 
-def train_federated(config: TrainConfig, workdir, algo: FederatedAlgorithm, variables, clients: ClientData,
-                    context: Any, *, rng: jax.Array, resume: bool = False, stop_after_round: int | None = None,
+def split_clients(split, key_version: int) -> ClientSource:
+  """The training clients of a classification split (``{"x", "y"}`` each), stacked on demand: in a
+  multi-process run each process stacks only the clients its devices hold."""
+  sizes = split.client_sizes()
+
+  def stack(indices, pad_to: int) -> ClientData:
+    per_client = [{"x": split.train_x[split.train_client == k].astype(np.float32),
+                   "y": split.train_y[split.train_client == k].astype(np.int32)} for k in indices]
+    return stack_clients(per_client, key_version=key_version, pad_to=pad_to)
+
+  return ClientSource(num_samples=np.asarray(sizes), stack=stack)
+
+
+def train_federated(config: TrainConfig, workdir, algo: FederatedAlgorithm, variables,
+                    clients: ClientData | ClientSource, context: Any, *, rng: jax.Array, resume: bool = False,
+                    stop_after_round: int | None = None,
                     show_progress: bool | None = None,
                     extra_metrics: Callable[[ServerState, int], dict] | None = None,
                     select: Callable[[dict], Any] | None = None) -> RoundsResult:
@@ -58,23 +74,42 @@ def train_federated(config: TrainConfig, workdir, algo: FederatedAlgorithm, vari
 
   ``stop_after_round`` ends the run after that round's checkpoint (to test resume); ``select`` scores a
   round's metrics row for model selection (``run_rounds``).
+
+  In a multi-process run (``jax.distributed``) the clients are always sharded, over every process's
+  devices, each process holding its block of the client axis (from a ``ClientSource`` it stacks only
+  those clients); the server state and ``context`` are replicated, and what the caller gets back (and
+  ``extra_metrics`` sees) is this process's copy (docs/design.md, "Multi-host simulation").
   """
   state = algo.init(variables, rng, key_version=config.key_version)
-  if config.shard_clients:
-    clients = shard_clients(clients, client_mesh())
+  multi_process = jax.process_count() > 1
+  if config.shard_clients or multi_process:
+    mesh = client_mesh()
+    clients = shard_clients(clients, mesh)
+    if multi_process:
+      state, context = replicate((state, context), mesh)
+      if extra_metrics is not None:
+        extra_metrics = _on_local_copy(extra_metrics)
+  elif isinstance(clients, ClientSource):
+    clients = clients.stack_all()
   fingerprint, defaults = resume_settings(config)
   run_dir = RunDir(pathlib.Path(workdir), checkpoint_every=config.checkpoint_every,
                    keep_checkpoints=config.keep_checkpoints, fingerprint=fingerprint,
                    fingerprint_defaults=defaults, resume=resume)
   should_stop = None if stop_after_round is None else (lambda _, done: done >= stop_after_round)
   try:
-    return run_rounds(jit_round(algo.round), state, clients, context, rounds=config.rounds, run_dir=run_dir,
-                      extra_metrics=extra_metrics, should_stop=should_stop, select=select,
-                      show_progress=show_progress)
+    result = run_rounds(jit_round(algo.round), state, clients, context, rounds=config.rounds, run_dir=run_dir,
+                        extra_metrics=extra_metrics, should_stop=should_stop, select=select,
+                        show_progress=show_progress)
+    return result._replace(state=local_copy(result.state), selected=local_copy(result.selected))
   except CheckpointError as error:
     if (mismatch := _key_mismatch(error, config)) is None:
       raise
     raise mismatch from None
+
+
+def _on_local_copy(extra_metrics: Callable[[ServerState, int], dict]) -> Callable[[ServerState, int], dict]:
+  """``extra_metrics`` of a multi-process round's state, run on this process's copy of it."""
+  return lambda state, done: extra_metrics(local_copy(state), done)
 
 
 def stopped_early(result: RoundsResult, config: TrainConfig) -> dict | None:
@@ -91,7 +126,9 @@ def training_record(result: RoundsResult, config: TrainConfig) -> dict:
 
 
 def write_summary(workdir, summary: dict) -> dict:
-  write_json_atomic(pathlib.Path(workdir) / "summary.json", summary)
+  """Writes summary.json (in a multi-process run, process 0 only) and returns ``summary``."""
+  if is_primary():
+    write_json_atomic(pathlib.Path(workdir) / "summary.json", summary)
   return summary
 
 
