@@ -17,8 +17,8 @@ LAYERS = {
     "infl_jax": 1, "infl_jax.config": 1, "infl_jax.keys": 1, "infl_jax.key_scheme": 1, "infl_jax.keyed": 1, "infl_jax.data": 1,
     "infl_jax.models": 2, "infl_jax.federated": 2,
     "infl_jax.tasks": 3, "infl_jax.attacks": 3, "infl_jax.privacy.dp": 3, "infl_jax.privacy.hardened": 3,
-    "infl_jax.tasks.registry": 4, "infl_jax.privacy": 4,
-    "infl_jax.main": 5, "infl_jax.privacy.main": 5,
+    "infl_jax.tasks.registry": 4, "infl_jax.privacy": 4, "infl_jax.flower": 4,
+    "infl_jax.main": 5, "infl_jax.privacy.main": 5, "infl_jax.flower.local": 5,
     # lsanet_jax
     "lsanet_jax": 1, "lsanet_jax.data": 1, "lsanet_jax.metrics": 1, "lsanet_jax.losses": 1,
     "lsanet_jax.attention": 1, "lsanet_jax.lsa": 1, "lsanet_jax.backbones": 1,

@@ -90,9 +90,15 @@ class _UpdateSums(NamedTuple):
   num_accepted: jax.Array  # int32
 
 
+UpdateSums = _UpdateSums  # public name: what a deployment (infl_jax/flower) gathers from its sites
+
+
 class FederatedAlgorithm(NamedTuple):
   init: Callable[..., ServerState]
   round: Callable[[ServerState, ClientData, Any], tuple[ServerState, dict]]
+  # (state, sums, num_sampled, context) -> (state, metrics): the round's last step on sums gathered elsewhere (a
+  # deployment's sites); the aggregation and server optimizer of ``round``, so both give the same server state.
+  server_update: Callable[[ServerState, _UpdateSums, int, Any], tuple[ServerState, dict]] | None = None
 
 
 def server_optimizer(name: str = "fedavg", learning_rate: float | None = None) -> optax.GradientTransformation:
@@ -190,7 +196,10 @@ def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
       sums = update_sums(clients, sampled, sampled, jnp.ones(num_sampled, bool), state, keys, context)
     return _server_update(spec, state, sums, num_sampled, keys, context)
 
-  return FederatedAlgorithm(init=init, round=round_fn)
+  def server_update(state: ServerState, sums: _UpdateSums, num_sampled: int, context: Any = None):
+    return _server_update(spec, state, sums, num_sampled, round_keys(state), context)
+
+  return FederatedAlgorithm(init=init, round=round_fn, server_update=server_update)
 
 
 def _update_sums(spec: _RoundSpec, clients: ClientData, rows: jax.Array, ids: jax.Array, valid: jax.Array,

@@ -1,0 +1,269 @@
+"""Console commands: run an INFL app on a Flower SuperLink (``infl-flower-run``), and a whole federation on one
+machine (``infl-flower-local``: a SuperLink and one SuperNode per site as local processes, loopback only).
+
+The Flower app that ``flwr run`` ships is generated (``write_app``): a ``pyproject.toml`` naming this package's
+ServerApp and ClientApp, with the run config keys of ``settings.RUN_DEFAULTS``. The sites and the SuperLink import
+``infl_jax`` from their own environment, so the app carries no code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Sequence
+
+from infl_jax.flower.settings import RUN_DEFAULTS
+from runkit.cli import ArgumentParser, run_cli
+from runkit.errors import UserInputError
+
+__all__ = ["LocalFederation", "free_port", "free_ports", "run_app", "write_app", "write_connection"]
+
+
+def _toml_value(value) -> str:
+  if isinstance(value, bool):
+    return "true" if value else "false"
+  if isinstance(value, (int, float)):
+    return repr(value)
+  return json.dumps(str(value))
+
+
+def write_app(directory) -> pathlib.Path:
+  """The Flower app folder ``flwr run`` builds its FAB from."""
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  config = "\n".join(f"{k} = {_toml_value(v)}" for k, v in RUN_DEFAULTS.items())
+  (directory / "pyproject.toml").write_text(f"""[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "infl-flower"
+version = "1.0.0"
+description = "INFL (infl_jax) on Flower: keyed federated classification"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "infl-jax"
+
+[tool.flwr.app.components]
+serverapp = "infl_jax.flower.server_app:app"
+clientapp = "infl_jax.flower.client_app:app"
+
+[tool.flwr.app.config]
+{config}
+""")
+  return directory
+
+
+def write_connection(flwr_home, address: str, name: str = "infl") -> pathlib.Path:
+  """A Flower CLI config (``$FLWR_HOME/config.toml``) whose default SuperLink connection is ``address`` (insecure:
+  for loopback or a private network only)."""
+  home = pathlib.Path(flwr_home)
+  home.mkdir(parents=True, exist_ok=True)
+  path = home / "config.toml"
+  path.write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\ninsecure = true\n')
+  return path
+
+
+def free_ports(count: int) -> list[int]:
+  """``count`` distinct free loopback ports (all held open while drawn, so no two are the same)."""
+  with contextlib.ExitStack() as stack:
+    socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+    for s in socks:
+      s.bind(("127.0.0.1", 0))
+    return [s.getsockname()[1] for s in socks]
+
+
+def free_port() -> int:
+  return free_ports(1)[0]
+
+
+def _run_config_arg(run_config: dict) -> str:
+  return " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
+
+
+def run_app(app_dir, run_config: dict, *, flwr_home, timeout: float = 600.0, log=None) -> None:
+  """``flwr run`` of the app against the connection in ``flwr_home``, streaming its logs to ``log``; returns when
+  the run ends (a failed run raises)."""
+  env = dict(os.environ, FLWR_HOME=str(flwr_home))
+  cmd = ["flwr", "run", str(app_dir), "--stream"]
+  if run_config:
+    cmd += ["--run-config", _run_config_arg(run_config)]
+  out = subprocess.run(cmd, env=env, stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
+                       text=True)
+  if out.returncode != 0:
+    raise RuntimeError(f"flwr run exited with {out.returncode}" + (f": {out.stdout[-2000:]}" if out.stdout else ""))
+
+
+class LocalFederation:
+  """A SuperLink and SuperNodes as local processes on 127.0.0.1 (insecure, free ports), stopped on exit.
+
+  ``sites``: one node config dict per SuperNode. Logs go to ``logdir``. ``stop_superlink`` and
+  ``start_superlink`` let a caller restart the server side mid-run (the SuperNodes reconnect).
+  """
+
+  def __init__(self, sites: Sequence[dict], logdir, *, env: dict | None = None):
+    self.sites = list(sites)
+    self.logdir = pathlib.Path(logdir)
+    self.logdir.mkdir(parents=True, exist_ok=True)
+    self.env = dict(os.environ, **(env or {}))
+    self.port, *self.node_ports = free_ports(1 + len(self.sites))
+    self.address = f"127.0.0.1:{self.port}"
+    self.superlink = None
+    self.supernodes: list[subprocess.Popen] = []
+    self.flwr_home = self.logdir / "flwr-home"
+    self.env["FLWR_HOME"] = str(self.flwr_home)
+    write_connection(self.flwr_home, self.address)
+
+  def _spawn(self, cmd: list[str], name: str) -> subprocess.Popen:
+    log = open(self.logdir / f"{name}.log", "a")
+    # Own process group: stopping it stops the processes Flower starts under it (SuperExec, app processes).
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+
+  def start_superlink(self, timeout: float = 30.0) -> None:
+    self.superlink = self._spawn(["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port)],
+                                 "superlink")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+      with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+        return
+      if self.superlink.poll() is not None:
+        break
+      time.sleep(0.2)
+    raise RuntimeError(f"the SuperLink did not start (see {self.logdir / 'superlink.log'})")
+
+  def start_supernodes(self) -> None:
+    for i, node_config in enumerate(self.sites):
+      cmd = ["flower-supernode", "--insecure", "--superlink", self.address, "--host", "127.0.0.1",
+             "--port", str(self.node_ports[i]), "--node-config", _run_config_arg(node_config)]
+      self.supernodes.append(self._spawn(cmd, f"supernode-{i}"))
+
+  @staticmethod
+  def _stop(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    if proc is None or proc.poll() is not None:
+      return
+    with contextlib.suppress(ProcessLookupError):
+      os.killpg(proc.pid, signal.SIGTERM)
+    try:
+      proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+      with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait(timeout)
+
+  def stop_superlink(self) -> None:
+    self._stop(self.superlink)
+    self.superlink = None
+
+  def close(self) -> None:
+    for proc in self.supernodes:
+      self._stop(proc)
+    self.supernodes = []
+    self.stop_superlink()
+
+  def check_alive(self) -> None:
+    dead = [i for i, p in enumerate(self.supernodes) if p.poll() is not None]
+    if dead:
+      raise RuntimeError(f"SuperNode(s) {dead} exited (see {self.logdir}/supernode-*.log)")
+
+  def __enter__(self) -> "LocalFederation":
+    try:
+      self.start_superlink()
+      self.start_supernodes()
+    except BaseException:
+      self.close()
+      raise
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def run(self, app_dir, run_config: dict, timeout: float = 600.0) -> None:
+    with open(self.logdir / "flwr-run.log", "a") as log:
+      run_app(app_dir, run_config, flwr_home=self.flwr_home, timeout=timeout, log=log)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Console commands
+
+
+def _parse_run_config(items: Sequence[str]) -> dict:
+  out = {}
+  for item in items:
+    if "=" not in item:
+      raise UserInputError(f"--run-config {item!r}: write KEY=VALUE, e.g. --run-config rounds=3")
+    k, v = item.split("=", 1)
+    if k not in RUN_DEFAULTS:
+      raise UserInputError(f"--run-config {k}: unknown key; the keys are {', '.join(sorted(RUN_DEFAULTS))}")
+    default = RUN_DEFAULTS[k]
+    try:
+      out[k] = (v.lower() in ("1", "true", "yes") if isinstance(default, bool) else type(default)(v))
+    except ValueError:
+      raise UserInputError(f"--run-config {k}={v!r}: expected a {type(default).__name__}") from None
+  return out
+
+
+def _run_main(argv: Sequence[str] | None) -> None:
+  parser = ArgumentParser(prog="infl-flower-run", description="Run INFL training on a Flower SuperLink whose sites "
+                          "(SuperNodes) are up: writes the Flower app and calls `flwr run`.")
+  parser.add_argument("--superlink", required=True, help="the SuperLink's address, e.g. 10.0.0.5:9093")
+  parser.add_argument("--run-config", nargs="*", default=[], metavar="KEY=VALUE",
+                      help=f"run settings ({', '.join(sorted(RUN_DEFAULTS))})")
+  parser.add_argument("--app-dir", default=None, help="where to write the Flower app (default: a temporary folder)")
+  args = parser.parse_args(argv)
+  run_config = _parse_run_config(args.run_config)
+  if ":" not in args.superlink:
+    raise UserInputError(f"--superlink {args.superlink!r}: give HOST:PORT, e.g. --superlink 10.0.0.5:9093")
+  with tempfile.TemporaryDirectory(prefix="infl-flower-") as tmp:
+    app_dir = write_app(args.app_dir or pathlib.Path(tmp) / "app")
+    home = pathlib.Path(tmp) / "flwr-home"
+    write_connection(home, args.superlink)
+    run_app(app_dir, run_config, flwr_home=home, timeout=None, log=sys.stdout)
+
+
+def run_main(argv: Sequence[str] | None = None) -> int:
+  return run_cli(_run_main, argv)
+
+
+def _local_main(argv: Sequence[str] | None) -> None:
+  parser = ArgumentParser(prog="infl-flower-local", description="A whole INFL federation on one machine: a Flower "
+                          "SuperLink and one SuperNode per site on 127.0.0.1, then the run.")
+  parser.add_argument("--site", action="append", required=True, metavar="NODE_CONFIG",
+                      help="one site's node config, e.g. 'data=\"proteomics\" partition-id=0 key-file=\"k0.json\"' "
+                      "(repeat per site)")
+  parser.add_argument("--run-config", nargs="*", default=[], metavar="KEY=VALUE")
+  parser.add_argument("--logdir", required=True, help="folder for the processes' logs")
+  args = parser.parse_args(argv)
+  run_config = _parse_run_config(args.run_config)
+  run_config.setdefault("min-sites", len(args.site))
+  sites = []
+  for text in args.site:
+    node = {}
+    for item in shlex.split(text):
+      if "=" not in item:
+        raise UserInputError(f"--site {text!r}: write KEY=VALUE pairs, e.g. data=\"proteomics\" partition-id=0")
+      k, v = item.split("=", 1)
+      node[k] = int(v) if v.isdigit() else v
+    sites.append(node)
+  logdir = pathlib.Path(args.logdir)
+  with LocalFederation(sites, logdir) as fed:
+    app_dir = write_app(logdir / "app")
+    fed.run(app_dir, run_config)
+  print(f"done: see {run_config.get('workdir', RUN_DEFAULTS['workdir'])}/result.json")
+
+
+def local_main(argv: Sequence[str] | None = None) -> int:
+  return run_cli(_local_main, argv)
