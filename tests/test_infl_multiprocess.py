@@ -105,6 +105,7 @@ def _metrics(workdir) -> list[dict]:
   return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.multiprocess
 def test_two_processes_compute_the_one_process_rounds_and_resume_across_both(tiny_h5ad, tmp_path):
   common = ["--dataset", str(tiny_h5ad), *SETTINGS]
   single, multi = tmp_path / "single", tmp_path / "multi"
