@@ -15,7 +15,9 @@ in time), 3 rounds of the proteomics preset split over three sites, against the 
     from the vmapped simulation loosely (relative L2 per leaf < 0.1, final train loss within 2%) and relies on
     round 1 and the per-site equality for exactness.
 (b) the server-side audit hook saw every reply of the sites and found no key bytes in any.
-(restart) the server stops after round 2 and a second ``flwr run`` resumes from its orbax checkpoint.
+(restart) the server stops after round 1 and a second ``flwr run`` resumes from its orbax checkpoint; that one is
+    killed (SIGKILL, SuperLink and ServerApp) once round 2's checkpoint is committed, and a third, on a restarted
+    SuperLink (and SuperNodes), resumes from round 2 and ends on the same parameters.
 (c) with SecAgg+, no site reply holds an array (the update travels only masked, inside SecAgg+'s records) and
     round 1 matches the plain deployment's round 1 within the quantisation tolerance explained at the test.
 """
@@ -139,9 +141,26 @@ def test_deployment_matches_simulation_with_restart_and_no_key_bytes(setup, fede
   after_round_1 = _final(workdir)
   np.savez(setup["root"] / "plain-round-1.npz", **after_round_1)
   first_audit = _audit(workdir)
-  federation.run(federation.app_dir, {**RUN, "workdir": str(workdir), "audit-patterns": audit_file}, timeout=400)
+  # Run 2 resumes from it and is killed (SIGKILL to the SuperLink and the ServerApp process) the moment round 2's
+  # checkpoint is committed: no clean-up, no final write. Run 3, on a restarted SuperLink, resumes from round 2.
+  run_config = {**RUN, "workdir": str(workdir), "audit-patterns": audit_file}
+  killed_run = federation.start_run(federation.app_dir, run_config)
+  deadline = time.monotonic() + 400
+  while not (workdir / "checkpoints" / "2").is_dir():
+    assert killed_run.poll() is None and time.monotonic() < deadline, "run 2 ended before round 2's checkpoint"
+    time.sleep(0.05)
+  federation.stop_superlink(kill=True)
+  federation.stop_process(killed_run)
+  # The SuperLink's node registry died with it (in memory): the sites' SuperNodes start again, as their
+  # supervisor would restart them; they keep nothing between rounds, so the run resumes from the checkpoint alone.
+  federation.stop_supernodes()
+  federation.start_superlink()
+  federation.start_supernodes()
+  federation.run(federation.app_dir, run_config, timeout=400)
   result = json.loads((workdir / "result.json").read_text())
   assert result["rounds"] == ROUNDS and [row["round"] for row in result["history"]] == [1, 2, 3]
+  assert result["resumed_from_round"] == 2, "the kill did not land between round 2's checkpoint and round 3's"
+  assert [row["step"] for row in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3]
   # (a) round 1 is the simulation's round 1 (its loss sums the same sites' losses with the same weights) ...
   assert result["history"][0]["train_loss"] == pytest.approx(setup["losses"][0], rel=1e-6)
   assert _max_relative_l2(after_round_1, setup["simulated"][0]) < 1e-2
@@ -160,9 +179,10 @@ def test_deployment_matches_simulation_with_restart_and_no_key_bytes(setup, fede
   # Evaluation at the sites, with their key: every site scored the global model.
   assert sorted(result["evaluation"]["per_site"]) == ["0", "1", "2"]
   assert 0.0 <= result["evaluation"]["sample_weighted"]["test_accuracy"] <= 1.0
-  # (b) the hook saw every reply: per run 3 queries and 3 train replies per round run; 3 evaluations in run 2.
-  second_audit = _audit(workdir)
-  for audit, rounds, evals in ((first_audit, 1, 0), (second_audit, 2, SITES)):
+  # (b) the hook saw every reply: per run 3 queries and 3 train replies per round run; 3 evaluations in run 3
+  # (run 2, killed, wrote no audit).
+  last_audit = _audit(workdir)
+  for audit, rounds, evals in ((first_audit, 1, 0), (last_audit, 1, SITES)):
     kinds = [m["type"] for m in audit["messages"]]
     assert kinds.count("query") == SITES and kinds.count("train") == SITES * rounds and kinds.count("evaluate") == evals
     assert audit["patterns"] == len(setup["patterns"]) and audit["found"] == []

@@ -1,4 +1,7 @@
 """Backbones, attention modules, LSA and the LSANet assembly (shapes, counts, invariants)."""
+import functools
+import types
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,6 +12,15 @@ from lsanet_jax.attention import ATTENTION_KINDS, eca_kernel_size
 from lsanet_jax.backbones import BACKBONES, Classifier, count_params
 from lsanet_jax.lsa import LayerSelectiveAttention
 from lsanet_jax.models import LSANet, head_names
+from runkit.xla import ONCE, compiler_options
+
+
+def fast_jit(fn, **kwargs):
+  """jax.jit at runkit.xla's settings for a program run once (on CPU: LLVM optimisation off, XLA's classic
+  fusion emitters): these tests run each program once or a few times on tiny inputs, so compiling is nearly all
+  their time, and these settings compile a LSANet training step 3-4x faster. They change no semantics (no
+  fast-math either way, the same HLO); each comparison below is between programs compiled alike."""
+  return jax.jit(fn, compiler_options=compiler_options(ONCE), **kwargs)
 
 
 def abstract_params(model, image_size, channels=3):
@@ -63,9 +75,15 @@ def test_attention_adds_the_papers_parameters():
 
 def test_lsa_weights_are_a_softmax_over_layers_and_fuse_the_branches():
   lsa = LayerSelectiveAttention(num_classes=4, dim=8, reduction=2)
-  feats = [jax.random.normal(jax.random.key(i), (5, c)) for i, c in enumerate((6, 10, 12))]
-  variables = jax.jit(lambda k: lsa.init(k, feats, train=False))(jax.random.key(3, impl="rbg"))
-  logits, alpha = lsa.apply(variables, feats, train=False)
+  # Any inputs do (numpy's normal draws: no compile of a sampler per shape).
+  rng = np.random.default_rng(0)
+  feats = [jnp.asarray(rng.normal(size=(5, c)), jnp.float32) for c in (6, 10, 12)]
+
+  def init_and_apply(key):  # one compiled program instead of an eager apply's op-by-op compiles
+    variables = lsa.init(key, feats, train=False)
+    return lsa.apply(variables, feats, train=False)
+
+  logits, alpha = fast_jit(init_and_apply)(jax.random.key(3, impl="rbg"))
   chex.assert_shape(logits, (5, 4))
   chex.assert_shape(alpha, (5, 3, 8))
   np.testing.assert_allclose(alpha.sum(axis=1), 1.0, rtol=1e-6)
@@ -77,8 +95,19 @@ def test_lsa_weights_are_a_softmax_over_layers_and_fuse_the_branches():
 _LSA_ALONE = LayerSelectiveAttention(4, dim=32)
 
 
-@jax.jit
-def _lsa_alone_step(params, opt_state, batch_stats, feats, y):
+@functools.cache
+def _lsa_alone_init():
+  """The module's initialiser, compiled once for both trainings (same shapes)."""
+  return fast_jit(lambda key, feats: _LSA_ALONE.init(key, feats, train=False))
+
+
+@functools.cache
+def _lsa_alone_step():
+  """_lsa_alone_step_fn compiled once (built on first use: compiler_options needs the backend)."""
+  return fast_jit(_lsa_alone_step_fn)
+
+
+def _lsa_alone_step_fn(params, opt_state, batch_stats, feats, y):
   """One Adam step (lr 1e-2) of the LSA module and its fused classifier trained alone on the fused head's CE."""
   import optax
 
@@ -101,12 +130,12 @@ def _train_lsa_alone(strengths, steps=100, n=512, features=24, seed=0):
   prototypes = rng.normal(size=(len(strengths), 4, features))
   feats = [jnp.asarray(np.maximum(0, s * prototypes[i][y] + rng.normal(size=(n, features))), jnp.float32)
            for i, s in enumerate(strengths)]
-  variables = jax.jit(lambda key, feats: _LSA_ALONE.init(key, feats, train=False))(jax.random.key(seed), feats)
+  variables = _lsa_alone_init()(jax.random.key(seed), feats)
   params, batch_stats = variables["params"], variables["batch_stats"]
   opt_state = optax.adam(1e-2).init(params)
   for i in range(steps):
-    params, opt_state, batch_stats, alpha, grads = _lsa_alone_step(params, opt_state, batch_stats, feats,
-                                                                   jnp.asarray(y))
+    params, opt_state, batch_stats, alpha, grads = _lsa_alone_step()(params, opt_state, batch_stats, feats,
+                                                                     jnp.asarray(y))
     if i == 0:  # the fused head's loss reaches the selection layer
       assert float(jnp.linalg.norm(grads["select"]["kernel"])) > 0
   alpha = np.asarray(alpha)
@@ -148,50 +177,72 @@ def test_bad_model_settings_are_named():
     abstract_params(LSANet("resnet18", 10, lsa=True), 28)
 
 
-def test_bf16_compute_keeps_float32_params_and_logits():
-  model = LSANet("resnet18", 3, width=0.0625, dtype=jnp.bfloat16)
-  x = jnp.ones((2, 28, 28, 1))
-  shapes = jax.eval_shape(lambda k, x: model.init(k, x, train=False), jax.random.key(0), x)
-  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(shapes["params"]))
-  float32_twin = model.clone(dtype=jnp.float32)
-  rbg_key = jax.random.key(0, impl="rbg")  # compiles far faster than threefry on CPU
-  variables = jax.jit(lambda k, x: float32_twin.init(k, x, train=False))(rbg_key, x)
-  chex.assert_trees_all_equal_shapes_and_dtypes(shapes, variables)
-  out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
-  assert all(v.dtype == jnp.float32 and np.all(np.isfinite(v)) for v in out["logits"].values())
-  lsa = LayerSelectiveAttention(num_classes=3, dim=8, dtype=jnp.bfloat16)
-  feats = [jnp.ones((2, 4), jnp.bfloat16), jnp.zeros((2, 6), jnp.bfloat16)]
-  lsa_vars = lsa.init(jax.random.key(1), feats, train=False)
-  logits, alpha = lsa.apply(lsa_vars, feats, train=False)
-  assert logits.dtype == jnp.float32 and alpha.dtype == jnp.float32
-  np.testing.assert_allclose(alpha.sum(axis=1), 1.0, rtol=1e-6)
+# The two bf16 tests share one pair of models (the lsanet variant: DKS branches, LSA, synergy; width 1/16), one
+# batch and one set of float32 initial weights, so each program (initialiser, eval-mode forward and training
+# step, in fp32 and bf16) is compiled once for the module.
+BF16_IMAGE_SHAPE = (16, 16, 3)
 
 
-def test_bf16_training_step_tracks_fp32_and_keeps_float32_weights():
-  """--bf16 (bfloat16 compute, float32 master weights): same parameters give the fp32 logits
-  and loss to bf16 precision, and the updated parameters and optimiser state stay float32."""
-  import functools
-
-  import optax
+@pytest.fixture(scope="module")
+def bf16_models():
+  """fp32 and --bf16 models, a batch, the float32 initial variables and each model's eval-mode logits on it."""
   from lsanet_jax import steps, train
   from lsanet_jax.config import VARIANTS, TrainConfig
 
   configs = {name: TrainConfig(width=0.0625, lsa_dim=16, bf16=name == "bf16", **VARIANTS["lsanet"])
              for name in ("fp32", "bf16")}
   models = {name: train.build_model(c, 5) for name, c in configs.items()}
+  assert models["bf16"].dtype == jnp.bfloat16
   rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8))
+  images = jnp.asarray(rng.integers(0, 256, (16, *BF16_IMAGE_SHAPE), dtype=np.uint8))
   labels = jnp.asarray(rng.integers(0, 5, (16, 1)).astype(np.int32))
-  variables = train.init_variables(models["fp32"], (16, 16, 3), train.init_key(0))
+  x0 = jnp.zeros((1, *BF16_IMAGE_SHAPE))
+  # The bf16 model's own initialiser, traced only: what dtype would its parameters have?
+  shapes = jax.eval_shape(functools.partial(models["bf16"].init, train=False), jax.random.key(0), x0)
+  # What train.init_variables does (its float32 twin initialises; an RBG key compiles far faster than
+  # threefry on CPU), compiled with fast_jit.
+  float32_twin = models["bf16"].clone(dtype=jnp.float32)
+  variables = fast_jit(functools.partial(float32_twin.init, train=False))(train.init_key(0), x0)
+  logits = {name: fast_jit(functools.partial(model.apply, train=False))(variables, steps.preprocess(images))["logits"]
+            for name, model in models.items()}
+  return types.SimpleNamespace(configs=configs, models=models, images=images, labels=labels, shapes=shapes,
+                               variables=variables, logits=logits)
+
+
+def test_bf16_compute_keeps_float32_params_and_logits(bf16_models):
+  shapes, variables = bf16_models.shapes, bf16_models.variables
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(shapes["params"]))
+  chex.assert_trees_all_equal_shapes_and_dtypes(shapes, variables)
+  out = bf16_models.logits["bf16"]
+  assert set(out) == {"aux1", "aux2", "main", "fused"}
+  assert all(v.dtype == jnp.float32 and np.all(np.isfinite(v)) for v in out.values())
+  lsa = LayerSelectiveAttention(num_classes=3, dim=8, dtype=jnp.bfloat16)
+  feats = [jnp.ones((2, 4), jnp.bfloat16), jnp.zeros((2, 6), jnp.bfloat16)]
+
+  def init_and_apply(key):  # one compiled program instead of eager op-by-op compiles
+    lsa_vars = lsa.init(key, feats, train=False)
+    return lsa.apply(lsa_vars, feats, train=False)
+
+  logits, alpha = fast_jit(init_and_apply)(jax.random.key(1))
+  assert logits.dtype == jnp.float32 and alpha.dtype == jnp.float32
+  np.testing.assert_allclose(alpha.sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_bf16_training_step_tracks_fp32_and_keeps_float32_weights(bf16_models):
+  """--bf16 (bfloat16 compute, float32 master weights): same parameters give the fp32 logits
+  and loss to bf16 precision, and the updated parameters and optimiser state stay float32."""
+  import optax
+  from lsanet_jax import steps, train
+
+  configs, models, variables, logits = (bf16_models.configs, bf16_models.models, bf16_models.variables,
+                                        bf16_models.logits)
   tx = optax.adam(1e-3)
-  logits, states, parts = {}, {}, {}
+  states, parts = {}, {}
   for name, model in models.items():
-    out = jax.jit(functools.partial(model.apply, train=False))(variables, steps.preprocess(images))
-    logits[name] = out["logits"]
-    state = train.create_train_state(model, tx, (16, 16, 3), None, variables)
-    step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, config=configs[name],
-                                     task="multi-class"))
-    states[name], parts[name] = step(state, images, labels, jax.random.key(1))
+    state = train.create_train_state(model, tx, BF16_IMAGE_SHAPE, None, variables)
+    step = fast_jit(functools.partial(steps.train_step, model=model, tx=tx, config=configs[name],
+                                      task="multi-class"))
+    states[name], parts[name] = step(state, bf16_models.images, bf16_models.labels, jax.random.key(1))
   assert set(logits["bf16"]) == {"aux1", "aux2", "main", "fused"}
   for head, z32 in logits["fp32"].items():
     z16 = logits["bf16"][head]
@@ -206,7 +257,8 @@ def test_bf16_training_step_tracks_fp32_and_keeps_float32_weights():
              if jnp.issubdtype(a.dtype, jnp.floating))
   chex.assert_trees_all_equal_shapes_and_dtypes(states["bf16"]["params"], states["fp32"]["params"])
   # One Adam step moves both the same way (bf16 rounding can flip only near-zero gradients).
-  delta = lambda s: jnp.concatenate([(a - b).ravel() for a, b in zip(
+  # (In numpy: the same float32 differences without an eager compile per parameter shape.)
+  delta = lambda s: np.concatenate([(np.asarray(a) - np.asarray(b)).ravel() for a, b in zip(
       jax.tree_util.tree_leaves(s["params"]), jax.tree_util.tree_leaves(variables["params"]))])
-  agree = float(jnp.mean(jnp.sign(delta(states["bf16"])) == jnp.sign(delta(states["fp32"]))))
+  agree = float(np.mean(np.sign(delta(states["bf16"])) == np.sign(delta(states["fp32"]))))
   assert agree > 0.9, agree

@@ -13,8 +13,14 @@ TINY = ["--flag", "digits", "--width", "0.125", "--lsa-dim", "32"]
 
 @pytest.mark.slow
 def test_lsanet_resnet18_learns_digits(digits_root, tmp_path):
+  # 4 epochs of batches of 16 (316 steps) instead of 8 of 128 (80 steps): on CPU a small batch costs much
+  # less per image, so this trains in less than half the time and learns more. Over seeds 0-3 the test
+  # accuracy of the fused head was 0.967-0.983 and of the main head 0.956-0.978 (8 x 128, seed 0: 0.933 and
+  # 0.939), against 0.10 by chance, and the last epoch's loss was 6.1-7.4x below the first's: the thresholds
+  # keep their margin. One checkpoint, at the end (a save takes about a second; none is read here).
   workdir = tmp_path / "run"
-  rc = main(TINY + ["--root", str(digits_root), "--epochs", "8", "--workdir", str(workdir)])
+  rc = main(TINY + ["--root", str(digits_root), "--epochs", "4", "--batch-size", "16", "--checkpoint-every", "4",
+                    "--workdir", str(workdir)])
   assert rc == 0
   s = summary(workdir)
   assert s["selection_head"] == "fused" and s["data_source"].endswith("digits.npz")
@@ -23,17 +29,20 @@ def test_lsanet_resnet18_learns_digits(digits_root, tmp_path):
   assert s["heads"]["fused"]["test_acc"] >= 0.90, s["heads"]
   assert s["heads"]["main"]["test_acc"] >= 0.90, s["heads"]
   rows = read_rows(workdir)
-  assert [r["epoch"] for r in rows] == list(range(1, 9))
+  assert [r["epoch"] for r in rows] == list(range(1, 5))
   assert rows[-1]["loss"] < rows[0]["loss"] / 3
-  assert rows[-1]["lr"] == pytest.approx(1e-5)  # x0.1 after epoch 4 and after epoch 6
+  assert rows[-1]["lr"] == pytest.approx(1e-5)  # x0.1 after epoch 2 and after epoch 3
   for name in ("curves.png", "lsa_weights.png"):
     assert (workdir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
 def test_augmented_bf16_run(digits_root, tmp_path):
-  rc = main(TINY + ["--root", str(digits_root), "--label-fraction", "0.1", "--epochs", "2",
-                    "--variant", "plain", "--augment", "--bf16", "--workdir", str(tmp_path / "r")])
+  # Width 1/16 as in test_scan_epoch_matches_host_loop_epoch: parameters are initialised by the float32
+  # twin, so the two tests share that compiled program. One checkpoint, at the end.
+  rc = main(["--flag", "digits", "--width", "0.0625", "--root", str(digits_root), "--label-fraction", "0.1",
+             "--epochs", "2", "--checkpoint-every", "2", "--variant", "plain", "--augment", "--bf16",
+             "--workdir", str(tmp_path / "r")])
   assert rc == 0
   assert np.isfinite(read_rows(tmp_path / "r")[-1]["loss"])
 
@@ -50,9 +59,10 @@ def test_scan_epoch_matches_host_loop_epoch():
   rng = np.random.default_rng(0)
   images = jax.device_put(rng.integers(0, 256, (40, 28, 28, 1), dtype=np.uint8))
   labels = jax.device_put(rng.integers(0, 10, (40, 1)).astype(np.int32))
+  variables = train.init_variables(model, (28, 28, 1), train.init_key(0))  # one start for both loops
   results = {}
   for loop in ("scan", "host"):
-    state = train.create_train_state(model, tx, (28, 28, 1), train.init_key(0))
+    state = train.create_train_state(model, tx, (28, 28, 1), None, variables)
     epoch, num_steps = steps.make_train_epoch(model, tx, config, "multi-class", 40, loop)
     results[loop] = epoch(state, images, labels, train.epoch_key(0, 1))
   assert num_steps == 3
@@ -76,7 +86,7 @@ def test_multilabel_chest_format_trains_with_bce_and_bernoulli_synergy(tmp_path)
     arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
   write_medmnist_npz(tmp_path / "chestmnist.npz", arrays)
   config = TrainConfig(flag="chestmnist", root=str(tmp_path), width=0.0625, aux="light", lsa_dim=8, epochs=2,
-                       batch_size=16, label_fraction=0.5)
+                       batch_size=16, label_fraction=0.5, checkpoint_every=2)  # one checkpoint (a save takes ~1 s)
   result = train.train_and_evaluate(config, tmp_path / "run", show_progress=False)
   history = read_rows(tmp_path / "run")
   assert len(history) == 2 and all(np.isfinite(r["loss"]) and r["loss_synergy"] >= 0 for r in history)

@@ -91,19 +91,38 @@ def free_port() -> int:
   return free_ports(1)[0]
 
 
+def _descendants(pid: int) -> list[int]:
+  """Every live process below ``pid`` (children, their children, ...), read from /proc; [] where there is none."""
+  children: dict[int, list[int]] = {}
+  for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+    with contextlib.suppress(OSError, ValueError, IndexError):
+      fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+      children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+  found, todo = [], [pid]
+  while todo:
+    for child in children.get(todo.pop(), []):
+      found.append(child)
+      todo.append(child)
+  return found
+
+
 def _run_config_arg(run_config: dict) -> str:
   return " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
+
+
+def _flwr_run_command(app_dir, run_config: dict) -> list[str]:
+  cmd = ["flwr", "run", str(app_dir), "--stream"]
+  if run_config:
+    cmd += ["--run-config", _run_config_arg(run_config)]
+  return cmd
 
 
 def run_app(app_dir, run_config: dict, *, flwr_home, timeout: float = 600.0, log=None) -> None:
   """``flwr run`` of the app against the connection in ``flwr_home``, streaming its logs to ``log``; returns when
   the run ends (a failed run raises)."""
   env = dict(os.environ, FLWR_HOME=str(flwr_home))
-  cmd = ["flwr", "run", str(app_dir), "--stream"]
-  if run_config:
-    cmd += ["--run-config", _run_config_arg(run_config)]
-  out = subprocess.run(cmd, env=env, stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
-                       text=True)
+  out = subprocess.run(_flwr_run_command(app_dir, run_config), env=env, stdout=log or subprocess.PIPE,
+                       stderr=subprocess.STDOUT, timeout=timeout, text=True)
   if out.returncode != 0:
     raise RuntimeError(f"flwr run exited with {out.returncode}" + (f": {out.stdout[-2000:]}" if out.stdout else ""))
 
@@ -111,8 +130,9 @@ def run_app(app_dir, run_config: dict, *, flwr_home, timeout: float = 600.0, log
 class LocalFederation:
   """A SuperLink and SuperNodes as local processes on 127.0.0.1 (insecure, free ports), stopped on exit.
 
-  ``sites``: one node config dict per SuperNode. Logs go to ``logdir``. ``stop_superlink`` and
-  ``start_superlink`` let a caller restart the server side mid-run (the SuperNodes reconnect).
+  ``sites``: one node config dict per SuperNode. Logs go to ``logdir``. ``stop_superlink(kill=True)``, then
+  ``stop_supernodes``, ``start_superlink`` and ``start_supernodes`` crash and restart the server mid-run: the
+  SuperLink keeps its state in memory, so the SuperNodes start again with it.
   """
 
   def __init__(self, sites: Sequence[dict], logdir, *, env: dict | None = None):
@@ -134,6 +154,9 @@ class LocalFederation:
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
 
   def start_superlink(self, timeout: float = 30.0) -> None:
+    # State in memory: a restarted SuperLink no longer knows the SuperNodes, answers them 401 and they stop, so a
+    # server restart restarts them too (``--database FILE`` keeps the state, but on 2 busy cores its SQLite
+    # answered "database is locked" to a SuperNode and the run lost that site).
     self.superlink = self._spawn(["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port)],
                                  "superlink")
     deadline = time.monotonic() + timeout
@@ -152,11 +175,12 @@ class LocalFederation:
       self.supernodes.append(self._spawn(cmd, f"supernode-{i}"))
 
   @staticmethod
-  def _stop(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+  def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
+    """Sends ``sig`` to the process group of a process this class started, SIGKILL if it outlives ``timeout``."""
     if proc is None or proc.poll() is not None:
       return
     with contextlib.suppress(ProcessLookupError):
-      os.killpg(proc.pid, signal.SIGTERM)
+      os.killpg(proc.pid, sig)
     try:
       proc.wait(timeout)
     except subprocess.TimeoutExpired:
@@ -164,14 +188,24 @@ class LocalFederation:
         os.killpg(proc.pid, signal.SIGKILL)
       proc.wait(timeout)
 
-  def stop_superlink(self) -> None:
-    self._stop(self.superlink)
+  def stop_superlink(self, *, kill: bool = False) -> None:
+    """Stops the SuperLink: SIGTERM to its process group; with ``kill``, SIGKILL to it and to every process it
+    started (Flower detaches its SuperExec and the ServerApp processes into their own sessions), which leaves the
+    server no chance to clean up, as a crash or a power cut would."""
+    if kill and self.superlink is not None and self.superlink.poll() is None:
+      for pid in _descendants(self.superlink.pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+          os.kill(pid, signal.SIGKILL)
+    self.stop_process(self.superlink, sig=signal.SIGKILL if kill else signal.SIGTERM)
     self.superlink = None
 
-  def close(self) -> None:
+  def stop_supernodes(self) -> None:
     for proc in self.supernodes:
-      self._stop(proc)
+      self.stop_process(proc)
     self.supernodes = []
+
+  def close(self) -> None:
+    self.stop_supernodes()
     self.stop_superlink()
 
   def check_alive(self) -> None:
@@ -192,8 +226,21 @@ class LocalFederation:
     self.close()
 
   def run(self, app_dir, run_config: dict, timeout: float = 600.0) -> None:
+    """``flwr run`` to its end; raises if the ServerApp did not write its ``result.json``.
+
+    ``flwr run`` exits 0 even when the ServerApp raised (flwr 1.42 reports that only in the streamed log), so the
+    result file is what tells a finished run from a failed one; the ServerApp runs here, with this process's cwd.
+    """
+    result = pathlib.Path(run_config.get("workdir", RUN_DEFAULTS["workdir"])).expanduser() / "result.json"
+    started = time.time()
     with open(self.logdir / "flwr-run.log", "a") as log:
       run_app(app_dir, run_config, flwr_home=self.flwr_home, timeout=timeout, log=log)
+    if not result.is_file() or result.stat().st_mtime < started:
+      raise RuntimeError(f"the ServerApp failed: it wrote no {result} (see {self.logdir / 'flwr-run.log'})")
+
+  def start_run(self, app_dir, run_config: dict) -> subprocess.Popen:
+    """``flwr run`` started in the background (its logs in ``flwr-run.log``); the caller waits for or ends it."""
+    return self._spawn(_flwr_run_command(app_dir, run_config), "flwr-run")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,7 +308,10 @@ def _local_main(argv: Sequence[str] | None) -> None:
   logdir = pathlib.Path(args.logdir)
   with LocalFederation(sites, logdir) as fed:
     app_dir = write_app(logdir / "app")
-    fed.run(app_dir, run_config)
+    try:
+      fed.run(app_dir, run_config)
+    except RuntimeError as e:
+      raise SystemExit(f"error: {e}") from None
   print(f"done: see {run_config.get('workdir', RUN_DEFAULTS['workdir'])}/result.json")
 
 

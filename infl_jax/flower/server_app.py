@@ -12,7 +12,6 @@ the server reads it; ``audit.json`` records what it saw. Evaluation happens at t
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 
@@ -32,7 +31,7 @@ from infl_jax.tasks.common import resume_settings
 from runkit.checkpoint import Checkpointer
 from runkit.cli import enable_compilation_cache
 from runkit.errors import UserInputError
-from runkit.metrics_log import write_json_atomic
+from runkit.metrics_log import MetricsWriter, write_json_atomic
 
 __all__ = ["app", "sampled_clients"]
 
@@ -189,11 +188,16 @@ def _train(grid, run: FlowerRun, config, context: Context) -> None:
   checkpointer = Checkpointer(run.workdir / "checkpoints", save_every=run.checkpoint_every,
                               keep=run.keep_checkpoints, config=fingerprint, config_defaults=defaults)
   history: list[dict] = []
+  resumed_from = None
   if checkpointer.latest_step() is not None:
     restored, extra = checkpointer.restore({"state": state._asdict()})
     state = ServerState(**restored["state"])
     history = extra.get("history", [])
-    log.info("resumed from round %d", int(state.round))
+    resumed_from = int(state.round)
+    log.info("resumed from round %d", resumed_from)
+  # On resume metrics.jsonl keeps the rounds up to the checkpoint's: a server killed after a later round's line
+  # but before its checkpoint would otherwise log that round twice.
+  metrics_log = MetricsWriter(run.workdir, resume_from_step=resumed_from)
 
   if run.secagg:
     from infl_jax.flower.secagg import SecAggRounds
@@ -215,14 +219,15 @@ def _train(grid, run: FlowerRun, config, context: Context) -> None:
       stop = run.stop_after_round > 0 and done >= run.stop_after_round
       checkpointer.save(done, {"state": state._asdict()}, extra={"history": history},
                         force=(done == config.rounds or stop))
-      with open(run.workdir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+      metrics_log.write(done, row)
       if stop:
         break
   finally:
+    metrics_log.close()
     checkpointer.close()
 
-  result = {"rounds": int(state.round), "history": history, "sites": sites.num_clients, "secagg": run.secagg}
+  result = {"rounds": int(state.round), "resumed_from_round": resumed_from, "history": history,
+            "sites": sites.num_clients, "secagg": run.secagg}
   if run.evaluate and int(state.round) == config.rounds:
     result["evaluation"] = _evaluate(grid, sites, state)
   variables = global_variables(state)
