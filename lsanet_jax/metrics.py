@@ -12,7 +12,6 @@ so small label-fraction validation splits do not crash a run.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 TASKS = ("binary-class", "multi-class", "multi-label, binary-class", "ordinal-regression")
 
@@ -33,6 +32,8 @@ def _check(y_true, y_score, task):
 
 
 def _mean_defined_auc(columns):
+  from sklearn.metrics import roc_auc_score  # here, not at the top: importing scikit-learn costs every CLI start ~3 s
+
   aucs = [roc_auc_score(t, s) for t, s in columns if 0 < np.sum(t) < len(t)]
   return float(np.mean(aucs)) if aucs else float("nan")
 
