@@ -249,3 +249,21 @@ def test_settings_errors_name_the_key():
     run_settings({"round": 3})
   with pytest.raises(UserInputError, match="key-file"):
     site_spec({"data": "proteomics", "partition-id": 0})
+
+
+def test_local_run_fails_when_the_server_app_wrote_no_result(tmp_path, monkeypatch):
+  """``flwr run`` exits 0 even when the ServerApp raised (flwr 1.42): the local federation tells a failed run by
+  the missing (or stale) result.json, and a run that wrote it passes. No process is started here: ``flwr run``
+  is replaced by what a failed and a finished ServerApp leave behind."""
+  from infl_jax.flower import local
+
+  federation = LocalFederation([], tmp_path / "logs")  # constructing starts no process
+  workdir = tmp_path / "server"
+  workdir.mkdir()
+  (workdir / "result.json").write_text("{}")  # an earlier run's result
+  time.sleep(0.05)
+  monkeypatch.setattr(local, "run_app", lambda *args, **kwargs: None)  # a ServerApp that raised
+  with pytest.raises(RuntimeError, match="the ServerApp failed: it wrote no .*result.json .*flwr-run.log"):
+    federation.run(tmp_path / "app", {"workdir": str(workdir)})
+  monkeypatch.setattr(local, "run_app", lambda *args, **kwargs: (workdir / "result.json").write_text("{}"))
+  federation.run(tmp_path / "app", {"workdir": str(workdir)})
