@@ -8,17 +8,11 @@ import sys
 
 import pytest
 
+from fast_compile import FAST_COMPILE_XLA_FLAGS
 from script_modules import load_module
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
-# XLA's cheapest CPU compile settings, those of runkit.xla's ONCE and of tests/test_infl_privacy_evaluation.py:
-# LLVM optimisation off (infl_round.py --small adds that flag itself), its expensive passes off, and XLA's classic
-# CPU fusion emitters, which compile these programs in about half the time of the newer ones. A smoke run's
-# programs run a few times on tiny inputs, so compiling is nearly all of it; these flags change how fast the
-# code runs, not what it computes (no fast-math either way).
-FAST_COMPILE_XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-                          "--xla_cpu_use_fusion_emitters=false")
 
 
 def _load_benchmark(name: str):

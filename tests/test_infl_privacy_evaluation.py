@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from fast_compile import FAST_COMPILE_XLA_FLAGS
 
 from infl_jax.privacy.experiment import ATTACKERS, DPRun, PrivacyConfig, plan_stages
 from infl_jax.privacy.main import build_parser, main
@@ -58,8 +59,7 @@ def _run_privacy(cohort: pathlib.Path, workdir: pathlib.Path, cache_dir: pathlib
   both runs use the same flags, so the tables they compare come from the same programs).
   """
   env = dict(os.environ, PYTHONHASHSEED=str(hash_seed), JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_cpu_multi_thread_eigen=false --xla_backend_optimization_level=0 "
-                       "--xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false",
+             XLA_FLAGS="--xla_cpu_multi_thread_eigen=false " + FAST_COMPILE_XLA_FLAGS,
              JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   command = [sys.executable, str(REPO / "scripts" / "infl_privacy.py"), "--dataset", str(cohort), *TINY_FLAGS,

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from fast_compile import FAST_COMPILE_XLA_FLAGS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -82,14 +83,11 @@ print("RESULT" + json.dumps(out))
 
 
 def test_data_parallel_epochs_equal_single_device_epochs(tmp_path):
-  # XLA's cheapest CPU compile settings (as runkit.xla's ONCE and tests/test_infl_privacy_evaluation.py use):
-  # every program here runs a few times on tiny inputs, so compiling is nearly all of the time, and these
-  # settings compile the training steps 3-4x faster. They do not change what is computed (no fast-math either
-  # way); the single-device and data-parallel runs are compiled alike.
+  # The fast-compile flags compile the training steps here 3-4x faster; the single-device and data-parallel runs
+  # are compiled alike.
   env = dict(os.environ, PYTHONPATH=str(REPO),
              XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_cpu_multi_thread_eigen=false "
-                       "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-                       "--xla_cpu_use_fusion_emitters=false",
+                       + FAST_COMPILE_XLA_FLAGS,
              JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, cwd=tmp_path,
                         env=env, timeout=900)

@@ -1,0 +1,10 @@
+"""XLA_FLAGS for tests that start a Python process whose programs run a few times on tiny inputs.
+
+Compiling is nearly all of such a run's time. These are runkit.xla's ONCE settings in flag form (a child process
+reads XLA_FLAGS when it starts): LLVM optimisation off, its expensive passes off, and XLA's classic CPU fusion
+emitters, which compile these programs in about half the time of the newer ones. They change how fast the code
+runs, not what it computes (no fast-math either way); each test compares programs compiled alike.
+"""
+
+FAST_COMPILE_XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                          "--xla_cpu_use_fusion_emitters=false")
