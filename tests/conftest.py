@@ -20,3 +20,9 @@ def pytest_configure(config):
   # In-process tests (library calls, no CLI) use the same folder.
   from runkit.cli import enable_compilation_cache
   enable_compilation_cache()
+
+
+def pytest_collection_modifyitems(config, items):
+  # The Flower deployment (real processes, about 6 minutes, mostly waiting on Flower's polls and app processes)
+  # goes first: under pytest-xdist its file then runs alongside the rest of the suite, not after it.
+  items.sort(key=lambda item: item.get_closest_marker("deployment") is None)

@@ -267,3 +267,34 @@ def test_local_run_fails_when_the_server_app_wrote_no_result(tmp_path, monkeypat
     federation.run(tmp_path / "app", {"workdir": str(workdir)})
   monkeypatch.setattr(local, "run_app", lambda *args, **kwargs: (workdir / "result.json").write_text("{}"))
   federation.run(tmp_path / "app", {"workdir": str(workdir)})
+
+
+def test_audited_grid_collects_every_reply_as_it_arrives_and_audits_each():
+  """The server's exchange: replies arrive over several pulls (sites finish at different times), each is audited
+  once, and a timeout returns what came (flwr's own contract for ``send_and_receive``)."""
+  from types import SimpleNamespace
+
+  reply = lambda mid: SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=mid))
+
+  class Grid:  # a SuperLink whose three sites answer one per pull; "never" never answers
+    def __init__(self):
+      self.pulls = 0
+
+    def push_messages(self, messages):
+      return [m for m in messages]
+
+    def pull_messages(self, ids):
+      self.pulls += 1
+      ready = sorted(i for i in ids if i != "never")[:1]
+      return [reply(i) for i in ready]
+
+  audited = []
+  audit = SimpleNamespace(inspect=lambda r: audited.append(r.metadata.reply_to_message_id))
+  grid = Grid()
+  t0 = time.monotonic()
+  replies = records.AuditedGrid(grid, audit, poll_seconds=0.01).send_and_receive(["a", "b", "c"])
+  assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b", "c"] == sorted(audited)
+  assert grid.pulls == 3 and time.monotonic() - t0 < 1.0  # not flwr's 3 s between pulls
+  audited.clear()
+  replies = records.AuditedGrid(grid, audit, poll_seconds=0.01).send_and_receive(["a", "never"], timeout=0.1)
+  assert [r.metadata.reply_to_message_id for r in replies] == ["a"] == audited

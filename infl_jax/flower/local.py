@@ -127,6 +127,11 @@ def run_app(app_dir, run_config: dict, *, flwr_home, timeout: float = 600.0, log
     raise RuntimeError(f"flwr run exited with {out.returncode}" + (f": {out.stdout[-2000:]}" if out.stdout else ""))
 
 
+# The app declares no dependencies and the server runs infl_jax from its own environment: without this flag (a
+# SuperLink's default in flwr 1.42; SuperNodes default to off) the ServerApp first builds a fresh one with ``uv sync``.
+_NO_RUNTIME_INSTALL = ("--disable-runtime-dependency-installation",)
+
+
 class LocalFederation:
   """A SuperLink and SuperNodes as local processes on 127.0.0.1 (insecure, free ports), stopped on exit.
 
@@ -139,7 +144,8 @@ class LocalFederation:
     self.sites = list(sites)
     self.logdir = pathlib.Path(logdir)
     self.logdir.mkdir(parents=True, exist_ok=True)
-    self.env = dict(os.environ, **(env or {}))
+    # SuperExec's 1 s between task polls is paid per message at every site; on loopback a tenth is cheap.
+    self.env = dict({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}, **os.environ, **(env or {}))
     self.port, *self.node_ports = free_ports(1 + len(self.sites))
     self.address = f"127.0.0.1:{self.port}"
     self.superlink = None
@@ -157,8 +163,8 @@ class LocalFederation:
     # State in memory: a restarted SuperLink no longer knows the SuperNodes, answers them 401 and they stop, so a
     # server restart restarts them too (``--database FILE`` keeps the state, but on 2 busy cores its SQLite
     # answered "database is locked" to a SuperNode and the run lost that site).
-    self.superlink = self._spawn(["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port)],
-                                 "superlink")
+    self.superlink = self._spawn(["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+                                  *_NO_RUNTIME_INSTALL], "superlink")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
       with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5):

@@ -26,7 +26,7 @@ from infl_jax.key_scheme import KeyView, client_view, study_views
 from infl_jax.tasks.common import (check_key_version, split_clients, stopped_early, train_federated,
                                    write_summary)
 from runkit.errors import UserInputError
-from runkit.xla import ONCE, compiler_options
+from runkit.xla import LOOP, ONCE, compiler_options
 
 __all__ = ["accepts_kwarg", "accepts_mask", "binary_auc", "classification_metrics",
            "classification_task", "client_data", "client_split", "create_model", "cross_entropy", "evaluate",
@@ -68,11 +68,16 @@ def classification_task(model: nn.Module) -> Task:
   return Task(loss=loss)
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _inference_logits(model: nn.Module, variables, x: jax.Array, key_coords: Any) -> jax.Array:
-  # ``model`` is static (flax modules hash by their settings), so every call with the same model and
-  # shapes reuses one compiled function: the key study's keys, validation and test alike.
+def _inference(model: nn.Module, variables, x: jax.Array, key_coords: Any) -> jax.Array:
   return model.apply(variables, x, key_coords=key_coords, **_mode_kwargs(model, False))
+
+
+@functools.cache
+def _inference_program():
+  # ``model`` is static (flax modules hash by their settings), so every call with the same model and
+  # shapes reuses one compiled function: the key study's keys, validation and test alike. LOOP options:
+  # validation runs it every round (runkit/xla.py).
+  return jax.jit(_inference, static_argnums=(0,), compiler_options=compiler_options(LOOP))
 
 
 def predict_logits(model: nn.Module, variables, x: np.ndarray, key_coords: Any = None,
@@ -93,7 +98,7 @@ def predict_logits(model: nn.Module, variables, x: np.ndarray, key_coords: Any =
     xb = x[start:start + size]
     pad = size - xb.shape[0]
     xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)]) if pad else xb
-    out.append(np.asarray(_inference_logits(model, variables, xb, coords))[: size - pad])
+    out.append(np.asarray(_inference_program()(model, variables, xb, coords))[: size - pad])
   return np.concatenate(out)
 
 
