@@ -107,18 +107,6 @@ def _abandoned_reads_muted():
   sys.unraisablehook = hook
 
 
-def _placed_like(restored, template):
-  """``restored`` placed as ``template`` is: orbax returns arrays committed to the template's device, but a freshly
-  initialised state is uncommitted, and jit keys its program on that, so a resumed run would compile its round or
-  epoch again (and miss the compilation cache). Committed templates (sharded, multi-process) keep orbax's arrays."""
-  if not (isinstance(template, jax.Array) and isinstance(restored, jax.Array)) or template.committed:
-    return restored
-  if jax.dtypes.issubdtype(restored.dtype, jax.dtypes.prng_key):
-    data = np.asarray(jax.random.key_data(restored))
-    return jax.random.wrap_key_data(jax.numpy.asarray(data), impl=jax.random.key_impl(restored))
-  return jax.numpy.asarray(np.asarray(restored))
-
-
 class Checkpointer:
   """Saves every ``save_every`` steps, keeps the newest ``keep``, restores with checks."""
 
@@ -186,7 +174,7 @@ class Checkpointer:
     with self._reading(step):
       restored = self._manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-    return jax.tree_util.tree_map(_placed_like, restored, state_template), meta.get("extra", {})
+    return restored, meta.get("extra", {})
 
   def _where(self, step: int) -> str:
     return f"checkpoint step {step} at {self.directory / str(step)}"

@@ -233,24 +233,3 @@ def test_compilation_cache_folder_and_off_switches(tmp_path, monkeypatch, capsys
   assert enable_compilation_cache() is None and jax.config.jax_compilation_cache_dir is None
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("warning: compilation cache off")
-
-
-def test_restored_arrays_are_placed_like_the_template(tmp_path):
-  """A fresh state is uncommitted and so is its restored copy (else jit would compile a resumed run's round again
-  and miss the compilation cache); a committed template keeps orbax's committed arrays. Values are exact."""
-  import jax
-  import jax.numpy as jnp
-
-  fresh = {"w": jnp.arange(3, dtype=jnp.float32), "rng": jax.random.key(7), "n": np.asarray([4], np.int32)}
-  with Checkpointer(tmp_path / "a", config={"lr": 0.1}) as ckpt:
-    ckpt.save(1, fresh, force=True)
-    restored, _ = ckpt.restore(fresh)
-  assert not restored["w"].committed and not restored["rng"].committed
-  np.testing.assert_array_equal(restored["w"], fresh["w"])
-  np.testing.assert_array_equal(jax.random.key_data(restored["rng"]), jax.random.key_data(fresh["rng"]))
-  assert jax.random.key_impl(restored["rng"]) == jax.random.key_impl(fresh["rng"]) and int(restored["n"][0]) == 4
-  placed = jax.device_put(fresh, jax.devices()[0])
-  with Checkpointer(tmp_path / "b", config={"lr": 0.1}) as ckpt:
-    ckpt.save(1, placed, force=True)
-    restored, _ = ckpt.restore(placed)
-  assert restored["w"].committed and restored["w"].sharding == placed["w"].sharding
