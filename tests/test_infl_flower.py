@@ -258,6 +258,11 @@ def test_local_run_fails_when_the_server_app_wrote_no_result(tmp_path, monkeypat
   from infl_jax.flower import local
 
   federation = LocalFederation([], tmp_path / "logs")  # constructing starts no process
+  # The caller's env overrides the machine's and the federation's defaults (no error on a repeated name).
+  monkeypatch.setenv("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.5")
+  assert LocalFederation([], tmp_path / "logs").env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.5"
+  env = LocalFederation([], tmp_path / "logs", env={"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "2"}).env
+  assert env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "2"
   workdir = tmp_path / "server"
   workdir.mkdir()
   (workdir / "result.json").write_text("{}")  # an earlier run's result

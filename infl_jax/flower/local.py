@@ -145,7 +145,7 @@ class LocalFederation:
     self.logdir = pathlib.Path(logdir)
     self.logdir.mkdir(parents=True, exist_ok=True)
     # SuperExec's 1 s between task polls is paid per message at every site; on loopback a tenth is cheap.
-    self.env = dict({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}, **os.environ, **(env or {}))
+    self.env = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", **os.environ, **(env or {})}
     self.port, *self.node_ports = free_ports(1 + len(self.sites))
     self.address = f"127.0.0.1:{self.port}"
     self.superlink = None
