@@ -288,14 +288,14 @@ def save_key(key: SecretKey, path, overwrite: bool = False) -> pathlib.Path:
   if path.is_dir():
     raise KeyFileError(f"{path} is a directory; give a file name for the key, e.g. {path}/key.json")
   if path.exists() and not overwrite:
-    raise KeyFileError(
-        f"{path} already exists; refusing to overwrite a secret key. Choose another path, or "
-        "pass overwrite=True if you really mean to replace it."
-    )
-  path.parent.mkdir(parents=True, exist_ok=True)
+    raise KeyFileError(f"{path} already exists; refusing to overwrite a secret key. Choose another path, or "
+                       "pass overwrite=True if you really mean to replace it.")
   record = _key_record(key)
-  # mkstemp creates the file 0o600 from the start, so the key is never readable by others.
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:  # mkstemp creates the file 0o600 from the start, so the key is never readable by others
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  except OSError as error:  # named after the key file, not the temporary file beside it (the cause says why)
+    raise KeyFileError(f"cannot write the key file {path}: {error.strerror}; save it in a writable folder") from error
   try:
     os.fchmod(fd, KEY_FILE_PERMISSIONS)
     with os.fdopen(fd, "w") as f:

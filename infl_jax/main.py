@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
+import os
 import pathlib
 import sys
 import warnings
@@ -12,8 +14,8 @@ import warnings
 from infl_jax.config import TrainConfig
 from infl_jax.tasks.common import write_summary
 from infl_jax.tasks.registry import TASKS
-from runkit.cli import (ArgumentParser, add_compile_cache_argument, enable_compilation_cache, prepare_workdir,
-                        run_cli, workdir_transaction)
+from runkit.cli import (ArgumentParser, add_compile_cache_argument, enable_compilation_cache, has_checkpoint,
+                        locked_run, prepare_workdir, run_cli)
 from runkit.config import add_config_arguments, set_fields
 from runkit.errors import UserInputError
 
@@ -59,6 +61,9 @@ def _key_seed(text: str) -> int:
 
 def check_key_arguments(args: argparse.Namespace) -> None:
   """Refuses key options that contradict each other, before anything is read or written."""
+  if args.key_file is not None and not args.key_file.strip():
+    raise UserInputError(f"--key-file is empty; name a file for the key, or drop --key-file to keep it in "
+                         f"WORKDIR/{DEFAULT_KEY_NAME}")
   if args.overwrite_key and args.resume:
     raise UserInputError("--overwrite-key with --resume would replace the key the run was trained with; drop "
                          "--overwrite-key (a new key needs a new run in another --workdir)")
@@ -106,15 +111,16 @@ def read_shared_key(args: argparse.Namespace, workdir: pathlib.Path):
     return keylib.load_key(path, allow_shared=args.allow_shared_key_file)
 
 
-def shared_key(args: argparse.Namespace, config: TrainConfig, workdir: pathlib.Path):
+def shared_key(args: argparse.Namespace, config: TrainConfig, workdir: pathlib.Path, *, announce=None):
   """The clients' key in every process of a multi-process run: process 0 loads or creates it, then the
-  others read it; all must hold the same key (compared by fingerprint, which is public)."""
+  others read it; all must hold the same key (compared by fingerprint, which is public). announce: as
+  in ``load_or_create_key``."""
   import numpy as np
   from jax.experimental import multihost_utils
 
   from infl_jax.federated.distributed import is_primary
 
-  key = load_or_create_key(args, config, workdir) if is_primary() else None
+  key = load_or_create_key(args, config, workdir, announce=announce) if is_primary() else None
   multihost_utils.sync_global_devices("infl-train: key file ready")
   if key is None:
     key = read_shared_key(args, workdir)
@@ -129,10 +135,45 @@ def key_path(args: argparse.Namespace, workdir: pathlib.Path) -> pathlib.Path:
   return pathlib.Path(args.key_file).expanduser() if args.key_file else workdir / DEFAULT_KEY_NAME
 
 
-def load_or_create_key(args: argparse.Namespace, config: TrainConfig, workdir: pathlib.Path):
+def _unsaved_key(args: argparse.Namespace, path: pathlib.Path, error) -> UserInputError:
+  """``save_key``'s refusal in the CLI's words (its own message names overwrite=True, a Python keyword)."""
+  name = f"--key-file {path}" if args.key_file else f"the key file {path}"
+  cause = error.__cause__
+  if isinstance(cause, OSError):  # the folder cannot take the file
+    reason = cause.strerror or str(cause)
+    if cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+      reason = f"{next(p for p in path.parents if p.is_dir())} is not writable ({reason})"
+    return UserInputError(f"cannot write {name}: {reason}; point --key-file to a writable folder")
+  if path.is_dir():
+    return _key_file_is_a_folder(args, path)
+  return UserInputError(f"{name} already exists; pass --overwrite-key to replace it, or point --key-file elsewhere")
+
+
+def _key_file_is_a_folder(args: argparse.Namespace, path: pathlib.Path) -> UserInputError:
+  if args.key_file:
+    return UserInputError(f"--key-file {path} is a folder, not a key file; name a file in it, e.g. --key-file "
+                          f"{path / DEFAULT_KEY_NAME}")
+  return UserInputError(f"the key file {path} is a folder; move that folder away, or pass --key-file")
+
+
+def load_or_create_key(args: argparse.Namespace, config: TrainConfig, workdir: pathlib.Path, *, announce=None):
+  """The key at ``key_path``: loaded, or created there (with --overwrite-key: replacing the file).
+
+  announce: called with the line that tells the user a new key was made (default: print it to stderr);
+  ``_main`` holds the line back until the run keeps the key (docs/design.md, "Run folders").
+  """
   from infl_jax import keys as keylib
 
   path = key_path(args, workdir)
+  if path.is_dir():
+    raise _key_file_is_a_folder(args, path)
+  if path.is_symlink() and not path.exists() and (args.resume or not args.overwrite_key):
+    # A link to nothing: exists() says no, yet the name is taken (save_key would say "already exists").
+    broken = f"{path} is a broken symbolic link (to {os.readlink(path)})"
+    if args.resume:
+      raise UserInputError(f"--resume needs the run's key file, but {broken}; pass --key-file")
+    raise UserInputError(f"{'--key-file ' if args.key_file else 'the key file '}{broken}; remove the link, pass "
+                         "--overwrite-key to put a new key file in its place, or point --key-file elsewhere")
   if path.exists() and not args.overwrite_key:
     if any(v is not None for v in (args.key_seed, args.key_mode)):
       raise UserInputError(f"{path} already holds a key, so --key-seed/--key-mode would be ignored; drop them, "
@@ -150,10 +191,17 @@ def load_or_create_key(args: argparse.Namespace, config: TrainConfig, workdir: p
     key = keylib.generate_key(args.key_seed, mode=config.key_mode, version=config.key_version)
   except ValueError as e:  # e.g. a negative seed
     raise UserInputError(f"--key-seed/--key-mode: {e}") from None
-  keylib.save_key(key, path, overwrite=args.overwrite_key)
+  try:
+    keylib.save_key(key, path, overwrite=args.overwrite_key)
+  except keylib.KeyFileError as e:
+    raise _unsaved_key(args, path, e) from None
   insecure = "; made from --key-seed: reproducible but INSECURE" if key.seeded else ""
-  print(f"created a new secret key in {path} (owner-only, fingerprint {key.fingerprint}{insecure}); keep it with "
-        "the clients, never with the server", file=sys.stderr)
+  line = (f"created a new secret key in {path} (owner-only, fingerprint {key.fingerprint}{insecure}); keep it with "
+          "the clients, never with the server")
+  if announce is None:
+    print(line, file=sys.stderr)
+  else:
+    announce(line)
   return key
 
 
@@ -176,20 +224,31 @@ def _main(argv=None) -> None:
   check_key_arguments(args)
   config = config_from_args(args)
   multi_process = check_distributed_arguments(args, config)
+  # Checked here to refuse early (before the runtime starts), and again under the workdir's lock.
   workdir = prepare_workdir(args.workdir, resume=args.resume, create=False)
   if multi_process:  # before anything touches a device
     from infl_jax.federated.distributed import initialize
     initialize(args.coordinator_address, args.num_processes, args.process_id)
   enable_compilation_cache(args.compile_cache)
   primary = not multi_process or args.process_id == 0
-  # A run that fails before its first checkpoint (bad data, a wrong --label-key) takes back the key
-  # file and folders it made: left behind, the key made the next run with --key-seed refuse to start.
-  # In a multi-process run only process 0 writes there, so only it takes anything back.
-  transaction = (workdir_transaction(workdir, files=[key_path(args, workdir)], create=True) if primary
-                 else contextlib.nullcontext())
-  with transaction:
-    key = shared_key(args, config, workdir) if multi_process else load_or_create_key(args, config, workdir)
-    summary = train_and_evaluate(config, workdir, key, resume=args.resume)
+  # One run at a time in the workdir (its lock), and a run that fails before its first checkpoint (bad
+  # data, a wrong --label-key) takes back the key file and folders it made: left behind, the key made
+  # the next run with --key-seed refuse to start. In a multi-process run only process 0 writes there,
+  # so only it locks the folder and takes anything back.
+  run_folder = (locked_run(workdir, resume=args.resume, files=[key_path(args, workdir)]) if primary
+                else contextlib.nullcontext(workdir))
+  created, finished = [], False  # a new key is announced only once the run keeps it
+  try:
+    with run_folder:
+      key = (shared_key(args, config, workdir, announce=created.append) if multi_process
+             else load_or_create_key(args, config, workdir, announce=created.append))
+      summary = train_and_evaluate(config, workdir, key, resume=args.resume)
+      finished = True
+  finally:
+    # Kept once the run finished or wrote a checkpoint (then a failure or Ctrl-C keeps it too); a run that
+    # failed before took it back, and a line about a key that no longer exists would only mislead.
+    if created and (finished or has_checkpoint(workdir)):
+      print(created[0], file=sys.stderr)
   if not primary:
     return
   print(TASKS[config.task].format_summary(summary))

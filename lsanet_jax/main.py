@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from runkit.cli import (ArgumentParser, add_compile_cache_argument, enable_compilation_cache, prepare_workdir,
-                        run_cli, workdir_transaction)
+from runkit.cli import (ArgumentParser, add_compile_cache_argument, enable_compilation_cache, locked_run,
+                        prepare_workdir, run_cli)
 from runkit.config import add_config_arguments, set_fields
 from runkit.errors import UserInputError
 
@@ -73,11 +73,12 @@ def run(argv=None) -> dict | None:
     from lsanet_jax.data.download import ZENODO_URL_TEMPLATE, download_medmnist
     download_medmnist(config.flag, config.root, config.size,
                       url_template=args.download_url_template or ZENODO_URL_TEMPLATE)
-  workdir = prepare_workdir(args.workdir, resume=args.resume, create=False)
+  workdir = prepare_workdir(args.workdir, resume=args.resume, create=False)  # again under the lock
   enable_compilation_cache(args.compile_cache)
-  # A run that fails before its first checkpoint leaves the workdir as it found it (no empty
-  # checkpoints/ or metrics.jsonl that would make the next run look like a resume).
-  with workdir_transaction(workdir):
+  # One run at a time in the workdir (its lock), and a run that fails before its first checkpoint leaves
+  # the workdir as it found it (no empty checkpoints/ or metrics.jsonl that would make the next run look
+  # like a resume).
+  with locked_run(workdir, resume=args.resume):
     summary = train.train_and_evaluate(config, workdir, variant=args.variant, resume=args.resume,
                                        stop_after_epochs=args.stop_after_epochs)
   if summary is not None:

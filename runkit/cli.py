@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import fcntl
+import json
 import os
 import pathlib
+import secrets
 import shutil
+import socket
 import sys
-from typing import Callable, Iterator, Sequence
+import time
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 from runkit.errors import CheckpointError, UserInputError
 
-__all__ = ["CACHE_ENV", "CHECKPOINT_SUBDIR", "ArgumentParser", "add_compile_cache_argument",
-           "enable_compilation_cache", "has_checkpoint", "prepare_workdir", "progress", "run_cli",
-           "workdir_transaction"]
+__all__ = ["CACHE_ENV", "CHECKPOINT_SUBDIR", "LOCK_NAME", "ArgumentParser", "WorkdirInUseError",
+           "add_compile_cache_argument", "enable_compilation_cache", "has_checkpoint", "locked_run", "prepare_workdir",
+           "progress", "run_cli", "workdir_transaction"]
 
 CHECKPOINT_SUBDIR = "checkpoints"
+LOCK_NAME = ".run.lock"  # in the workdir while a run holds it (docs/design.md, "Run folders")
 CACHE_ENV = "INFL_JAX_CACHE_DIR"
 _CACHE_OFF = ("off", "0", "false", "no", "none")
 
@@ -46,7 +53,10 @@ def run_cli(main_fn: Callable[[Sequence[str] | None], object], argv: Sequence[st
 def prepare_workdir(workdir, *, resume: bool, create: bool = True) -> pathlib.Path:
   """Checks the run folder (refuses to mix a new run into an old one, or to resume nothing) and creates
   it unless ``create`` is False (for a caller that creates it only once its inputs have loaded)."""
+  if not str(workdir).strip():  # Path("") is ".": the run would spread over the current folder
+    raise UserInputError("--workdir is empty; name a folder for the run")
   workdir = pathlib.Path(workdir).expanduser()
+  _check_folder_path(workdir)
   has_run = has_checkpoint(workdir)
   if resume and not has_run:
     raise UserInputError(f"--resume given but {workdir} holds no checkpoint; drop --resume to start a new run there")
@@ -62,6 +72,171 @@ def has_checkpoint(workdir) -> bool:
   only once it is written, so a save cut short does not count)."""
   ckpt_dir = pathlib.Path(workdir).expanduser() / CHECKPOINT_SUBDIR
   return ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+
+
+def _check_folder_path(workdir: pathlib.Path) -> None:
+  """Refuses a --workdir that is a file, or lies under one, or is a broken symbolic link."""
+  for path in (workdir, *workdir.parents):
+    if path.is_symlink() and not path.exists():
+      raise UserInputError(f"--workdir {workdir}: {path} is a broken symbolic link (to {os.readlink(path)}); "
+                           "remove it or choose another --workdir")
+    if path.exists():
+      if not path.is_dir():
+        where = "is a file" if path == workdir else f"lies under {path}, which is a file"
+        raise UserInputError(f"--workdir {workdir} {where}, not a folder; choose another --workdir")
+      return
+
+
+# --------------------------------------------------------------------------------------------
+# The workdir lock (docs/design.md, "Run folders"): an flock on WORKDIR/.run.lock, released by the kernel
+# when its process dies however it dies (a killed run's lock is taken over silently); the file names its holder.
+
+
+class WorkdirInUseError(UserInputError):
+  """Another run holds the workdir's lock."""
+
+
+class _Lock(NamedTuple):
+  fd: int
+  path: pathlib.Path  # WORKDIR/.run.lock
+  created_top: pathlib.Path | None  # the highest folder of the workdir's path this run created, if any
+
+
+def _holder_record() -> bytes:
+  return (json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                      "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n").encode()
+
+
+def _holder(fd: int) -> str:
+  """Who holds the lock, from its file; a holder that has just taken it may not have written yet."""
+  for _ in range(20):
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+      record = json.loads(os.pread(fd, 4096, 0))
+      return f"pid {record['pid']} on host {record['host']}, started {record['started']}"
+    time.sleep(0.05)
+  return "its process is not named in the lock file"
+
+
+_CANNOT_WRITE = (errno.EACCES, errno.EPERM, errno.EROFS)  # root too: EROFS (read-only mount), EPERM (immutable)
+
+
+def _same_file(fd: int, path: pathlib.Path) -> bool:
+  with contextlib.suppress(OSError):
+    on_disk, held = os.stat(path, follow_symlinks=False), os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
+  return False
+
+
+def _flock(fd: int, shown: pathlib.Path) -> None:
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as e:  # a file system without locks (some cluster mounts) runs as before the lock, and says so
+    if isinstance(e, BlockingIOError) or e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+      raise
+    print(f"warning: --workdir {shown}: its file system offers no locks ({e.strerror}); nothing stops a second "
+          "run there", file=sys.stderr)
+
+
+def _lock_existing(workdir: pathlib.Path, shown: pathlib.Path) -> int | None:
+  """The locked descriptor of WORKDIR/.run.lock; None when a run that ended removed it meanwhile."""
+  path = workdir / LOCK_NAME
+  try:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+  except FileNotFoundError:
+    return None
+  except OSError as e:
+    if e.errno in _CANNOT_WRITE:
+      raise UserInputError(f"--workdir {shown} is not writable ({e.strerror}); make it writable or choose another "
+                           "--workdir") from None
+    raise
+  try:
+    _flock(fd, shown)
+  except BlockingIOError:
+    holder = _holder(fd)
+    os.close(fd)
+    raise WorkdirInUseError(f"--workdir {shown} is in use by another run ({holder}); wait for it to finish or "
+                            "choose another --workdir") from None
+  # The holder before us removes the file before it unlocks it; a lock on a file no longer at the path
+  # locks nothing another run would see.
+  if not _same_file(fd, path):
+    os.close(fd)
+    return None
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, _holder_record(), 0)
+  return fd
+
+
+def _lock_new(workdir: pathlib.Path, shown: pathlib.Path) -> int | None:
+  """Makes the workdir with its lock already taken, built beside it and renamed into place: no run sees it
+  unlocked, so two runs that found no folder cannot both take it. None: another run made it first."""
+  try:
+    workdir.parent.mkdir(parents=True, exist_ok=True)
+    staging = workdir.parent / f".{workdir.name}.new-{secrets.token_hex(4)}"
+    staging.mkdir()
+  except FileNotFoundError:
+    return None  # a failed run took back a parent it had made just now: look again
+  except OSError as e:
+    if e.errno in _CANNOT_WRITE:
+      ancestor = next(p for p in shown.parents if p.exists())
+      raise UserInputError(f"cannot create --workdir {shown}: {ancestor} is not writable "
+                           f"({e.strerror}); choose another --workdir") from None
+    raise
+  fd = os.open(staging / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+  try:
+    _flock(fd, shown)
+    os.write(fd, _holder_record())
+    os.rename(staging, workdir)  # fails on a folder that holds anything, such as another run's lock
+    return fd
+  except OSError as e:
+    os.close(fd)
+    shutil.rmtree(staging, ignore_errors=True)
+    if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+      return None
+    raise
+
+
+def _missing_top(workdir: pathlib.Path) -> pathlib.Path | None:
+  """The highest folder of the workdir's path that does not exist yet; None when the workdir exists."""
+  return None if workdir.exists() else next(p for p in (workdir, *workdir.parents) if p.parent.exists())
+
+
+def _take_lock(workdir: pathlib.Path, shown: pathlib.Path) -> _Lock:
+  for _ in range(100):  # each retry follows another run's change of the folder; a few at most
+    _check_folder_path(shown)
+    created_top = _missing_top(workdir)
+    fd = _lock_existing(workdir, shown) if created_top is None else _lock_new(workdir, shown)
+    if fd is not None:
+      return _Lock(fd, workdir / LOCK_NAME, created_top)
+  raise UserInputError(f"--workdir {shown} keeps changing under this run; check what else writes there")
+
+
+def _release_lock(lock: _Lock) -> None:
+  # Removed before it is unlocked, and only if it still is this run's file (see _lock_existing).
+  with contextlib.suppress(OSError):
+    if _same_file(lock.fd, lock.path):
+      os.unlink(lock.path)
+  os.close(lock.fd)
+
+
+@contextlib.contextmanager
+def locked_run(workdir, *, resume: bool, files: Sequence = ()) -> Iterator[pathlib.Path]:
+  """A run in ``workdir``, alone: takes the workdir's lock (creating the folder if need be) before
+  anything is written, checks under it that the folder fits ``resume`` (``prepare_workdir``), holds it
+  until the run ends and yields the workdir. A run that finds the lock taken is refused with
+  ``WorkdirInUseError`` naming the holder (pid, host, start time) and touches nothing.
+
+  A run that fails before its first checkpoint takes back what it wrote (``workdir_transaction``) since
+  it took the lock: never anything another run made. The lock file is removed when the run ends; one
+  left by a killed run is taken over (docs/design.md, "Run folders").
+  """
+  workdir = prepare_workdir(workdir, resume=resume, create=False)
+  lock = _take_lock(workdir.absolute(), workdir)
+  try:
+    with _undo_on_failure(workdir.absolute(), lock.created_top, files, keep=(LOCK_NAME,)):
+      prepare_workdir(workdir, resume=resume, create=False)  # again: another run may have just ended there
+      yield workdir
+  finally:
+    _release_lock(lock)
 
 
 def _entries(root: pathlib.Path) -> set[str]:
@@ -100,25 +275,32 @@ def workdir_transaction(workdir, *, files: Sequence = (), create: bool = False) 
   it (and the workdir, with the parents it needed, when the run created them) and gives ``files``
   (paths outside the workdir the run may create or replace, such as a key file) their former state.
   Nothing that existed before is removed. Once a checkpoint exists everything is kept: resuming
-  needs the key file and the metrics. create: make the workdir on entry.
+  needs the key file and the metrics. create: make the workdir on entry. The CLIs use ``locked_run``,
+  which does this under the workdir's lock.
   """
   workdir = pathlib.Path(workdir).expanduser().absolute()
-  created_top = None  # the highest folder of the workdir's path that does not exist yet
-  for folder in (workdir, *workdir.parents):
-    if folder.exists():
-      break
-    created_top = folder
-  before = _entries(workdir)
-  saved = {}  # path -> (content, mode) of a file there, None where nothing was (a folder is left alone)
+  with _undo_on_failure(workdir, _missing_top(workdir), files):
+    if create:
+      workdir.mkdir(parents=True, exist_ok=True)
+    yield workdir
+
+
+@contextlib.contextmanager
+def _undo_on_failure(workdir: pathlib.Path, created_top: pathlib.Path | None, files: Sequence,
+                     keep: Sequence[str] = ()) -> Iterator[None]:
+  """The undo of ``workdir_transaction``, from the folder and ``files`` as they are now; ``keep``: names
+  in the workdir never taken back (the lock file, which its holder removes last)."""
+  before = _entries(workdir) | set(keep)
+  saved = {}  # path -> ("file", content, mode) or ("link", target); None where nothing was (a folder is left alone)
   for path in map(pathlib.Path, files):
-    if path.is_file():
-      saved[path] = (path.read_bytes(), path.stat().st_mode)
+    if path.is_symlink():  # replacing the link (--overwrite-key) must not cost the user the link itself
+      saved[path] = ("link", os.readlink(path))
+    elif path.is_file():
+      saved[path] = ("file", path.read_bytes(), path.stat().st_mode)
     elif not os.path.lexists(path):
       saved[path] = None
-  if create:
-    workdir.mkdir(parents=True, exist_ok=True)
   try:
-    yield workdir
+    yield
   except BaseException:
     if not has_checkpoint(workdir):
       _undo(workdir, created_top, before, saved)
@@ -131,20 +313,36 @@ def _undo(workdir: pathlib.Path, created_top: pathlib.Path | None, before: set[s
     with contextlib.suppress(OSError):
       if old is None:
         _remove(str(path))
-      elif not path.is_file() or path.read_bytes() != old[0]:
+      elif old[0] == "link":
+        if not path.is_symlink() or os.readlink(path) != old[1]:
+          _remove(str(path))
+          os.symlink(old[1], path)
+      elif path.is_symlink() or not path.is_file() or path.read_bytes() != old[1]:
+        _remove(str(path))
         # Written with its old mode from the start: a key file must never be readable by others.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, old[1] & 0o7777)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, old[2] & 0o7777)
         with os.fdopen(fd, "wb") as f:
-          f.write(old[0])
+          f.write(old[1])
   with contextlib.suppress(OSError):
     if created_top is None:
       _remove_new_entries(workdir, before)
       return
-    _remove(str(workdir))
+    _discard_folder(workdir)
     for folder in workdir.parents:  # the parents this run created, if nothing else was put there
       if not folder.is_relative_to(created_top) or any(folder.iterdir()):
         break
       folder.rmdir()
+
+
+def _discard_folder(folder: pathlib.Path) -> None:
+  """Removes a folder the run created. Renamed away first: a run starting meanwhile in a folder of that
+  name then makes its own, which this removal never reaches."""
+  aside = folder.with_name(f".{folder.name}.removed-{secrets.token_hex(4)}")
+  try:
+    os.rename(folder, aside)
+  except OSError:
+    aside = folder
+  shutil.rmtree(aside, ignore_errors=True)
 
 
 def enable_compilation_cache(enabled: bool = True, *, min_compile_time_secs: float = 0.5) -> pathlib.Path | None:
