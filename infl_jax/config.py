@@ -163,6 +163,10 @@ class TrainConfig:
   server_learning_rate: float | None = option(None, "server step size", group="federated", above=0,
                                               default_help="1 for fedavg, 1e-2 for fedadam/fedyogi")
   prox_mu: float = option(0.0, "FedProx proximal weight (0: plain FedAvg)", group="federated", minimum=0)
+  drift_correction: str = option("auto", "client drift correction: scaffold adds SCAFFOLD's control variates; "
+                                 "auto uses them for classification when a client holds a single class or fewer "
+                                 "than half of the classes (docs/design.md, \"Drift correction\")",
+                                 group="federated", choices=("auto", "none", "scaffold"))
   shard_clients: bool = option(False, "split the clients over all local devices (one round, each device "
                                "training its share)", flag="--shard-clients", const=True, group="federated",
                                resume=False)
@@ -208,6 +212,9 @@ class TrainConfig:
   def validate(self) -> "TrainConfig":
     """Raises ValueError naming the flag of an out-of-range setting."""
     check_ranges(self)
+    if self.drift_correction == "scaffold" and self.shard_clients:
+      raise ValueError("--drift-correction scaffold does not run with --shard-clients yet (each device would need "
+                       "its clients' control variates); drop one of them")
     return self
 
   def resume_fingerprint(self) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -94,6 +94,9 @@ def check_distributed_arguments(args: argparse.Namespace, config: TrainConfig) -
   if multi and config.task != "classification":
     raise UserInputError(f"a multi-process run is available for the classification task, not yet for "
                          f"{config.task!r}; drop --coordinator-address/--num-processes/--process-id")
+  if multi and config.drift_correction == "scaffold":
+    raise UserInputError("--drift-correction scaffold does not run over several processes yet (each would need its "
+                         "clients' control variates); drop it or run in one process")
   return multi
 
 

@@ -50,6 +50,7 @@ from infl_jax.main import build_parser, config_from_args, train_and_evaluate
 from infl_jax.privacy.attack_models import adaptive_key_vector, attack_programs, split_test_accuracy
 from infl_jax.tasks.classification import classification_task, create_model, init_variables, load_data
 from infl_jax.tasks.common import resume_settings
+from infl_jax.tasks.label_skew import fit_to_federation
 from runkit.checkpoint import Checkpointer
 from runkit.cli import CHECKPOINT_SUBDIR
 from runkit.errors import UserInputError
@@ -69,7 +70,8 @@ def trained_classifier(config: TrainConfig, workdir, key: keylib.SecretKey, spli
   model = create_model(config, split.n_classes)
   algo = algorithm_from_config(config, classification_task(model))
   rng = jax.random.key(0)  # the template's values are overwritten; only its structure counts
-  template = algo.init(init_variables(model, split.n_features, rng), rng, key_version=config.key_version)._asdict()
+  template = algo.init(init_variables(model, split.n_features, rng), rng, key_version=config.key_version,
+                       num_clients=len(split.client_sizes()))._asdict()
   fingerprint, defaults = resume_settings(config)
   checkpointer = Checkpointer(pathlib.Path(workdir) / CHECKPOINT_SUBDIR, config=fingerprint,
                               config_defaults=defaults)
@@ -101,6 +103,7 @@ def adaptive_accuracy(config: TrainConfig, workdir, key: keylib.SecretKey, n: in
   (``privacy.attack_models``), so both measure the same attacker.
   """
   split = load_data(config)  # raw features: the run scrambled its own copy
+  config, _ = fit_to_federation(config, split)  # the algorithm the run resolved --drift-correction auto to
   model, variables = trained_classifier(config, workdir, key, split)
   chosen = attacker_samples(split, n, config.seed)
   k = adaptive_key_vector(model, variables, split.val_x[chosen].astype(np.float32), split.val_y[chosen],

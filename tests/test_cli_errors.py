@@ -79,6 +79,11 @@ def assert_one_line_error(capsys, *needles):
     (["--hidden", "64,x"], "--hidden"),
     (["--partition", "random"], "--partition"),
     (["--key-seed", "-1"], "--key-seed"),
+    (["--drift-correction", "fedsgd"], "--drift-correction"),
+    (["--drift-correction", "scaffold", "--shard-clients"], "--drift-correction scaffold does not run with "
+                                                            "--shard-clients"),
+    (["--drift-correction", "scaffold", "--coordinator-address", "127.0.0.1:1", "--num-processes", "2",
+      "--process-id", "0"], "--drift-correction scaffold does not run over several processes"),
 ])
 def test_infl_train_bad_arguments(workdir, capsys, argv, flag):
   before = entries(workdir)

@@ -7,7 +7,7 @@ import numpy as np
 from infl_jax.config import TrainConfig
 from infl_jax.keys import generate_key
 from infl_jax.models import make_mlp_classifier
-from infl_jax.tasks import classification
+from infl_jax.tasks import classification, label_skew
 
 COORDS = generate_key(3).coords
 
@@ -47,3 +47,43 @@ def _tiny_split(tmp_path, **overrides):
   adata.write_h5ad(tmp_path / "cells.h5ad")
   config = TrainConfig.for_dataset(str(tmp_path / "cells.h5ad"), label_key="cell_type", norm="batch", **overrides)
   return classification.load_data(config)
+
+
+def test_auto_drift_correction_follows_the_partition(tmp_path):
+  # 4 classes: a client with 1, or with fewer than 2, gets SCAFFOLD; IID clients keep plain FedAvg.
+  skewed = _tiny_split(tmp_path, partition="label-skew", classes_per_client=1, n_clients=4)
+  config, choice = label_skew.fit_to_federation(TrainConfig.for_dataset("x.h5ad"), skewed)
+  assert config.drift_correction == "scaffold"
+  assert choice == {"drift_correction": "scaffold",
+                    "reason": "4 of 4 clients hold a single class or fewer than half of the 4 classes"}
+  iid = _tiny_split(tmp_path, partition="iid", n_clients=3)
+  config, choice = label_skew.fit_to_federation(TrainConfig.for_dataset("x.h5ad"), iid)
+  assert config.drift_correction == "none" and choice is None
+  # An explicit setting is never overridden, and a sharded run cannot take SCAFFOLD.
+  for explicit in ("none", "scaffold"):
+    config, choice = label_skew.fit_to_federation(TrainConfig.for_dataset("x.h5ad", drift_correction=explicit),
+                                                      skewed)
+    assert config.drift_correction == explicit and choice is None
+  config, choice = label_skew.fit_to_federation(TrainConfig.for_dataset("x.h5ad", shard_clients=True), skewed)
+  assert config.drift_correction == "none" and choice["drift_correction"] == "none"
+
+
+def test_a_skewed_run_says_and_records_its_choice(tmp_path, capsys):
+  import json
+
+  from infl_jax.main import main
+
+  _tiny_split(tmp_path, partition="label-skew", classes_per_client=1, n_clients=4)
+  capsys.readouterr()
+  assert main([f"--dataset={tmp_path / 'cells.h5ad'}", "--label-key", "cell_type", "--partition", "label-skew",
+               "--classes-per-client", "1", "--n-clients", "4", "--rounds", "2", "--hidden", "8",
+               "--no-central-baseline", "--key-seed", "1", "--workdir", str(tmp_path / "run")]) == 0
+  assert "training with SCAFFOLD drift correction" in capsys.readouterr().err
+  summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+  assert summary["federation_choice"]["drift_correction"] == "scaffold"
+  assert summary["config"]["drift_correction"] == "scaffold"
+  # The resume resolves the same choice from the same data and accepts the checkpoint.
+  assert main([f"--dataset={tmp_path / 'cells.h5ad'}", "--label-key", "cell_type", "--partition", "label-skew",
+               "--classes-per-client", "1", "--n-clients", "4", "--rounds", "3", "--hidden", "8",
+               "--no-central-baseline", "--workdir", str(tmp_path / "run"), "--resume"]) == 0
+  assert json.loads((tmp_path / "run" / "summary.json").read_text())["rounds"] == 3

@@ -14,9 +14,9 @@ loop (metrics, checkpoints, resume). Across devices, the same round takes ``shar
 from infl_jax.federated.aggregate import weighted_mean
 from infl_jax.federated.builder import algorithm_from_config, client_optimizer_from_config
 from infl_jax.federated.client_data import ClientData, stack_clients
-from infl_jax.federated.engine import (FederatedAlgorithm, RoundKeys, ServerState, cosine_round_schedule, fedavg,
-                                      global_variables, round_keys, server_optimizer)
-from infl_jax.federated.local import LocalConfig, client_update
+from infl_jax.federated.engine import (FederatedAlgorithm, RoundKeys, ServerState, cosine_round_schedule,
+                                      fedavg, global_variables, round_keys, scaffold, server_optimizer)
+from infl_jax.federated.local import LocalConfig, client_update, corrected_client_update
 from infl_jax.federated.loop import RoundsResult, RunDir, TrainingDiverged, jit_round, run_rounds
 from infl_jax.federated.sharding import CLIENT_AXIS, ShardedClientData, client_mesh, shard_clients
 from infl_jax.federated.task import Task
@@ -37,12 +37,14 @@ __all__ = [
     "client_optimizer_from_config",
     "client_mesh",
     "client_update",
+    "corrected_client_update",
     "cosine_round_schedule",
     "fedavg",
     "global_variables",
     "jit_round",
     "round_keys",
     "run_rounds",
+    "scaffold",
     "server_optimizer",
     "shard_clients",
     "stack_clients",

@@ -54,4 +54,5 @@ def algorithm_from_config(config: TrainConfig, task: Task, *, batch_size: int | 
       update_transform=update_transform,
       aggregate_noise=aggregate_noise,
       client_lr_schedule=cosine_round_schedule(config.rounds) if config.lr_schedule == "cosine" else None,
+      control_variates=config.drift_correction == "scaffold",
   )

@@ -15,6 +15,12 @@ The same round runs with the client axis split across devices when it is given
 weights and the server update are shared; only the client loop runs per device, its sums
 ``psum``-ed.
 
+SCAFFOLD (``scaffold(...)``, or ``fedavg(..., control_variates=True)``; docs/design.md, "Drift
+correction") adds control variates: a server variate ``c`` and one per client ``c_i``, stacked over all
+clients and indexed by client id. A sampled client trains with ``c - c_i`` added to its gradients, its
+``c_i`` is replaced by the mean gradient of its local steps (gathered and scattered inside the round), and
+``c`` moves by the sum of the accepted clients' changes over the number of clients.
+
 Two optional hooks make privacy mechanisms such as DP-FedAvg a training mode without a
 second engine: ``update_transform(delta, rng, context) -> delta`` runs on each client's
 parameter update before aggregation (e.g. clipping), and
@@ -35,7 +41,7 @@ import optax
 
 from infl_jax.federated.aggregate import weighted_sum
 from infl_jax.federated.client_data import ClientData
-from infl_jax.federated.local import LocalConfig, client_update
+from infl_jax.federated.local import LocalConfig, client_update, corrected_client_update
 from infl_jax.federated.sharding import ShardedClientData, sharded_update_sums
 from infl_jax.federated.task import Task
 
@@ -56,6 +62,11 @@ class ServerState(NamedTuple):
   round: jax.Array  # int32, rounds completed
   rng: jax.Array  # uint32 raw key data (checkpointable); round r uses fold_in(rng, r)
   key_version: jax.Array  # int32, the only version whose updates are accepted
+  # SCAFFOLD's control variates, None for the other algorithms: {"server": c, shaped like the parameters,
+  # "clients": every client's c_i, each parameter leaf with a leading [num_clients] axis} (a dict, as
+  # checkpoints store it). The clients' rows are the simulated clients' own state, carried here so that one
+  # jitted round can gather and scatter them; a deployment would keep each row at its site.
+  controls: Any = None
 
 
 def global_variables(state: ServerState) -> dict:
@@ -88,6 +99,7 @@ class _UpdateSums(NamedTuple):
   loss: jax.Array  # sum_k w_k loss_k
   weight: jax.Array  # sum_k w_k (w_k = 0 for rejected or padding slots)
   num_accepted: jax.Array  # int32
+  control_delta: PyTree = None  # SCAFFOLD: sum over accepted clients of (c_i+ - c_i); None otherwise
 
 
 UpdateSums = _UpdateSums  # public name: what a deployment (infl_jax/flower) gathers from its sites
@@ -126,6 +138,7 @@ class _RoundSpec(NamedTuple):
   update_transform: Callable | None
   aggregate_noise: Callable | None
   client_lr_schedule: Callable | None
+  control_variates: bool
 
 
 def cosine_round_schedule(rounds: int, final_fraction: float = 0.0) -> Callable[[jax.Array], jax.Array]:
@@ -149,8 +162,10 @@ def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
            update_transform: Callable[[PyTree, jax.Array, Any], PyTree] | None = None,
            aggregate_noise: Callable[[PyTree, jax.Array, jax.Array, Any], PyTree] | None = None,
            client_lr_schedule: Callable[[jax.Array], jax.Array] | None = None,
+           control_variates: bool = False,
            ) -> FederatedAlgorithm:
-  """FedAvg and its relatives (FedProx via ``prox_mu``, FedAdam/FedYogi via ``server_opt``).
+  """FedAvg and its relatives (FedProx via ``prox_mu``, FedAdam/FedYogi via ``server_opt``, SCAFFOLD via
+  ``control_variates``: then ``init`` needs ``num_clients``).
 
   ``client_lr_schedule(round)``: a factor on every client optimizer step of that round (0-based), e.g.
   ``cosine_round_schedule(rounds)``; it scales the optimizer's output, which for Adam and SGD is
@@ -171,16 +186,24 @@ def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
                     client_fraction=client_fraction, weighting=weighting,
                     server_opt=server_opt or server_optimizer("fedavg"), client_chunk_size=client_chunk_size,
                     update_transform=update_transform, aggregate_noise=aggregate_noise,
-                    client_lr_schedule=client_lr_schedule)
+                    client_lr_schedule=client_lr_schedule, control_variates=control_variates)
   update_sums = functools.partial(_update_sums, spec)
 
-  def init(variables: PyTree, rng: jax.Array, *, key_version: int = 1) -> ServerState:
+  def init(variables: PyTree, rng: jax.Array, *, key_version: int = 1, num_clients: int | None = None
+           ) -> ServerState:
     variables = dict(variables)
     params = variables.pop("params")
     rng_data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+    controls = None
+    if control_variates:
+      if num_clients is None or num_clients < 1:
+        raise ValueError(f"SCAFFOLD keeps a control variate per client: init(..., num_clients=C) needs the "
+                         f"number of clients, got {num_clients}")
+      controls = {"server": jax.tree_util.tree_map(jnp.zeros_like, params),
+                  "clients": jax.tree_util.tree_map(lambda p: jnp.zeros((num_clients,) + p.shape, p.dtype), params)}
     return ServerState(params=params, model_state=variables, opt_state=spec.server_opt.init(params),
                        round=jnp.int32(0), rng=jnp.asarray(rng_data, jnp.uint32),
-                       key_version=jnp.int32(key_version))
+                       key_version=jnp.int32(key_version), controls=controls)
 
   def round_fn(state: ServerState, clients: ClientData | ShardedClientData, context: Any = None):
     num_clients = clients.num_clients
@@ -190,16 +213,40 @@ def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
       sampled = jnp.sort(jax.random.choice(keys.sample, num_clients, (num_sampled,), replace=False))
     else:
       sampled = jnp.arange(num_clients)
+    if control_variates:
+      _check_controls(state, num_clients)
+      if isinstance(clients, ShardedClientData):
+        raise ValueError("SCAFFOLD is not available with the client axis sharded over devices yet; run it on "
+                         "one device (drop --shard-clients)")
     if isinstance(clients, ShardedClientData):
       sums = sharded_update_sums(update_sums, clients, sampled, state, keys, context)
     else:
       sums = update_sums(clients, sampled, sampled, jnp.ones(num_sampled, bool), state, keys, context)
-    return _server_update(spec, state, sums, num_sampled, keys, context)
+    return _server_update(spec, state, sums, num_sampled, keys, context, num_clients)
 
   def server_update(state: ServerState, sums: _UpdateSums, num_sampled: int, context: Any = None):
+    if control_variates:
+      raise ValueError("SCAFFOLD's server step needs the clients' control variates, which a deployment does not "
+                       "gather yet; use it in the simulation")
     return _server_update(spec, state, sums, num_sampled, round_keys(state), context)
 
   return FederatedAlgorithm(init=init, round=round_fn, server_update=server_update)
+
+
+def scaffold(task: Task, client_optimizer: optax.GradientTransformation, **fedavg_kwargs) -> FederatedAlgorithm:
+  """SCAFFOLD (Karimireddy et al. 2020): ``fedavg`` with control variates; every other setting is
+  ``fedavg``'s (docs/design.md, "Drift correction"). ``init(variables, rng, num_clients=C)``."""
+  return fedavg(task, client_optimizer, control_variates=True, **fedavg_kwargs)
+
+
+def _check_controls(state: ServerState, num_clients: int) -> None:
+  if state.controls is None:
+    raise ValueError("SCAFFOLD's round needs a state from its own init(..., num_clients=C); this one has no "
+                     "control variates")
+  held = jax.tree_util.tree_leaves(state.controls["clients"])[0].shape[0]
+  if held != num_clients:
+    raise ValueError(f"the state holds control variates for {held} clients but the round was given "
+                     f"{num_clients}; init with num_clients={num_clients}")
 
 
 def _update_sums(spec: _RoundSpec, clients: ClientData, rows: jax.Array, ids: jax.Array, valid: jax.Array,
@@ -229,34 +276,71 @@ def _update_sums(spec: _RoundSpec, clients: ClientData, rows: jax.Array, ids: ja
   def train_one(row, client_id):
     data = jax.tree_util.tree_map(lambda x: x[row], clients.data)
     client_rng = jax.random.fold_in(keys.train, client_id)
-    return client_update(spec.task, spec.client_optimizer, spec.local, state.params, state.model_state, data,
-                         clients.num_samples[row], client_rng, context, lr_factor=lr_factor)
+    if not spec.control_variates:
+      return (*client_update(spec.task, spec.client_optimizer, spec.local, state.params, state.model_state, data,
+                             clients.num_samples[row], client_rng, context, lr_factor=lr_factor), ())
+    own = jax.tree_util.tree_map(lambda c: c[client_id], state.controls["clients"])
+    correction = jax.tree_util.tree_map(jnp.subtract, state.controls["server"], own)
+    return corrected_client_update(spec.task, spec.client_optimizer, spec.local, state.params, state.model_state,
+                                   data, clients.num_samples[row], client_rng, context, correction,
+                                   lr_factor=lr_factor)
 
-  def train_chunk(sums, chunk_xs):
-    chunk_rows, chunk_ids, w = chunk_xs
-    params_k, model_state_k, loss_k = jax.vmap(train_one)(chunk_rows, chunk_ids)
+  def train_chunk(carry, chunk_xs):
+    sums, client_controls = carry
+    chunk_rows, chunk_ids, w, chunk_accepted = chunk_xs
+    params_k, model_state_k, loss_k, controls_k = jax.vmap(train_one)(chunk_rows, chunk_ids)
     delta_k = jax.tree_util.tree_map(lambda p, g: p - g, params_k, state.params)
     if spec.update_transform is not None:
       delta_k = jax.vmap(lambda d, i: spec.update_transform(d, jax.random.fold_in(keys.transform, i), context))(
           delta_k, chunk_ids)
-    sum_delta, sum_state, sum_loss = sums
+    sum_delta, sum_state, sum_loss, sum_control_delta = sums
+    if spec.control_variates:
+      # An accepted client's variate becomes its mean gradient; a rejected or padding slot changes nothing.
+      # Padding slots scatter to an index past the end, which mode="drop" discards.
+      old_k = jax.tree_util.tree_map(lambda c: c[chunk_ids], client_controls)
+      gain = chunk_accepted.astype(jnp.float32)
+      control_delta_k = jax.tree_util.tree_map(
+          lambda new, old: (new - old) * gain.reshape((-1,) + (1,) * (new.ndim - 1)), controls_k, old_k)
+      sum_control_delta = jax.tree_util.tree_map(lambda s, d: s + jnp.sum(d, axis=0), sum_control_delta,
+                                                 control_delta_k)
+      targets = jnp.where(chunk_accepted, chunk_ids, num_all_clients)
+      client_controls = jax.tree_util.tree_map(lambda c, old, d: c.at[targets].set(old + d, mode="drop"),
+                                               client_controls, old_k, control_delta_k)
     sums = (jax.tree_util.tree_map(jnp.add, sum_delta, weighted_sum(delta_k, w)),
             jax.tree_util.tree_map(jnp.add, sum_state, weighted_sum(model_state_k, w)),
-            sum_loss + jnp.dot(w, loss_k))
-    return sums, None
+            sum_loss + jnp.dot(w, loss_k), sum_control_delta)
+    return (sums, client_controls), None
 
   zeros = lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree)
-  init_sums = (zeros(state.params), zeros(state.model_state), jnp.float32(0.0))
+  if spec.control_variates:
+    client_controls, control_zero = state.controls["clients"], zeros(state.params)
+    num_all_clients = jax.tree_util.tree_leaves(client_controls)[0].shape[0]
+  else:
+    client_controls, control_zero = (), ()
+  init_sums = (zeros(state.params), zeros(state.model_state), jnp.float32(0.0), control_zero)
   as_chunks = lambda a: a.reshape(num_chunks, chunk)
-  (sum_delta, sum_state, sum_loss), _ = jax.lax.scan(
-      train_chunk, init_sums, (as_chunks(rows), as_chunks(ids), as_chunks(weights)))
-  return _UpdateSums(delta=sum_delta, model_state=sum_state, loss=sum_loss, weight=jnp.sum(weights),
-                     num_accepted=jnp.sum(accepted).astype(jnp.int32))
+  ((sum_delta, sum_state, sum_loss, sum_control_delta), client_controls), _ = jax.lax.scan(
+      train_chunk, (init_sums, client_controls),
+      (as_chunks(rows), as_chunks(ids), as_chunks(weights), as_chunks(accepted)))
+  sums = _UpdateSums(delta=sum_delta, model_state=sum_state, loss=sum_loss, weight=jnp.sum(weights),
+                     num_accepted=jnp.sum(accepted).astype(jnp.int32),
+                     control_delta=sum_control_delta if spec.control_variates else None)
+  return (sums, client_controls) if spec.control_variates else sums
 
 
-def _server_update(spec: _RoundSpec, state: ServerState, sums: _UpdateSums, num_sampled: int, keys: RoundKeys,
-                   context: Any):
-  """The weighted mean update through the server optimizer; a round with no accepted update keeps the state."""
+def _server_update(spec: _RoundSpec, state: ServerState, sums, num_sampled: int, keys: RoundKeys,
+                   context: Any, num_clients: int | None = None):
+  """The weighted mean update through the server optimizer; a round with no accepted update keeps the state.
+
+  SCAFFOLD's ``sums`` come with the clients' updated variates, ``(sums, client_controls)``; the server variate
+  moves by the accepted clients' summed change over all ``num_clients`` clients (the paper's ``|S|/N`` times
+  the sample mean)."""
+  controls = state.controls
+  if spec.control_variates:
+    sums, client_controls = sums
+    server_control = jax.tree_util.tree_map(lambda c, d: c + d / num_clients, controls["server"],
+                                            sums.control_delta)
+    controls = {"server": server_control, "clients": client_controls}
   any_accepted = sums.weight > 0
   safe_total = jnp.where(any_accepted, sums.weight, 1.0)
   mean_delta = jax.tree_util.tree_map(lambda s: s / safe_total, sums.delta)
@@ -275,6 +359,7 @@ def _server_update(spec: _RoundSpec, state: ServerState, sums: _UpdateSums, num_
       round=state.round + 1,
       rng=state.rng,
       key_version=state.key_version,
+      controls=keep(controls, state.controls),
   )
   metrics = {
       "train_loss": sums.loss / safe_total,

@@ -62,6 +62,27 @@ def client_update(task: Task, optimizer: optax.GradientTransformation, config: L
 
   ``lr_factor`` scales every optimizer step (a round's learning-rate schedule).
   """
+  params, model_state, mean_loss, _ = _local_training(task, optimizer, config, params, model_state, data,
+                                                      num_samples, rng, context, lr_factor, correction=None)
+  return params, model_state, mean_loss
+
+
+def corrected_client_update(task: Task, optimizer: optax.GradientTransformation, config: LocalConfig,
+                            params: PyTree, model_state: PyTree, data: PyTree, num_samples: jax.Array,
+                            rng: jax.Array, context: Any, correction: PyTree, lr_factor: jax.Array | float = 1.0):
+  """SCAFFOLD's local training (docs/design.md, "Drift correction"): ``client_update`` with ``correction``
+  (the server's control variate minus the client's, ``c - c_i``) added to every minibatch gradient before the
+  optimizer. Returns (params, model_state, mean loss, mean gradient): the last is the mean of the uncorrected
+  minibatch gradients over the steps the client took, its new control variate ``c_i+``. With plain SGD this
+  equals option II of Karimireddy et al. (2020), ``c_i - c + (x - y_i) / (K lr)``, exactly; it stays defined for
+  other client optimizers (Adam), where option II's step-size division does not.
+  """
+  return _local_training(task, optimizer, config, params, model_state, data, num_samples, rng, context, lr_factor,
+                         correction=correction)
+
+
+def _local_training(task, optimizer, config, params, model_state, data, num_samples, rng, context, lr_factor,
+                    correction):
   max_samples = jax.tree_util.tree_leaves(data)[0].shape[0]
   batch_size = min(config.batch_size, max_samples)
   steps_per_epoch = math.ceil(max_samples / batch_size)
@@ -89,19 +110,27 @@ def client_update(task: Task, optimizer: optax.GradientTransformation, config: L
     return loss, new_state
 
   def step(carry, xs):
-    p, state, opt_state = carry
+    p, state, opt_state, grad_sum = carry
     rows, mask, step_rng = xs
     batch = jax.tree_util.tree_map(lambda x: x[rows], data)
     (loss, new_state), grads = jax.value_and_grad(objective, has_aux=True)(p, state, batch, mask, step_rng)
+    active = jnp.any(mask > 0)
+    if correction is not None:
+      grad_sum = jax.tree_util.tree_map(lambda s, g: s + jnp.where(active, g, 0.0), grad_sum, grads)
+      grads = jax.tree_util.tree_map(jnp.add, grads, correction)
     updates, new_opt_state = optimizer.update(grads, opt_state, p)
     updates = jax.tree_util.tree_map(lambda u: u * lr_factor, updates)
     new_p = optax.apply_updates(p, updates)
-    active = jnp.any(mask > 0)
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new, old)
-    carry = (keep(new_p, p), keep(new_state, state), keep(new_opt_state, opt_state))
+    carry = (keep(new_p, p), keep(new_state, state), keep(new_opt_state, opt_state), grad_sum)
     return carry, (jnp.where(active, loss, 0.0), active)
 
-  init = (params, model_state, optimizer.init(params))
-  (params, model_state, _), (losses, active) = jax.lax.scan(step, init, (batch_rows, batch_masks, step_rngs))
-  mean_loss = jnp.sum(losses) / jnp.maximum(jnp.sum(active), 1)
-  return params, model_state, mean_loss
+  # Without a correction the gradient sum is an empty tuple: nothing is carried or computed for it.
+  grad_sum = () if correction is None else jax.tree_util.tree_map(jnp.zeros_like, params)
+  init = (params, model_state, optimizer.init(params), grad_sum)
+  (params, model_state, _, grad_sum), (losses, active) = jax.lax.scan(step, init,
+                                                                      (batch_rows, batch_masks, step_rngs))
+  num_steps = jnp.maximum(jnp.sum(active), 1)
+  mean_loss = jnp.sum(losses) / num_steps
+  mean_grad = jax.tree_util.tree_map(lambda s: s / num_steps.astype(s.dtype), grad_sum)
+  return params, model_state, mean_loss, mean_grad

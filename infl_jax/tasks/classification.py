@@ -25,6 +25,7 @@ from infl_jax.federated import (ClientData, ServerState, Task, algorithm_from_co
 from infl_jax.key_scheme import KeyView, client_view, study_views
 from infl_jax.tasks.common import (check_key_version, split_clients, stopped_early, train_federated,
                                    write_summary)
+from infl_jax.tasks.label_skew import fit_to_federation, say_federation_choice, warn_single_class_clients
 from runkit.errors import UserInputError
 from runkit.xla import LOOP, ONCE, compiler_options
 
@@ -186,21 +187,8 @@ def load_data(config: TrainConfig):
     # Chosen for the user: say so, since a file usually has a site/patient column worth using.
     print(f"no --client-key given: split into {split.n_clients} IID clients (set --client-key COLUMN or "
           "--partition/--n-clients)", file=sys.stderr)
-  _warn_single_class_clients(split, config)
+  warn_single_class_clients(split, config)
   return split
-
-
-def _warn_single_class_clients(split, config: TrainConfig) -> None:
-  single = [name for name, (_, y) in zip(split.client_names, split.client_arrays()) if len(np.unique(y)) == 1]
-  if not single:
-    return
-  batch_norm = config.model == "proteomics" or config.norm == "batch"
-  what = "their BatchNorm statistics and updates see" if batch_norm else "their updates see"
-  advice = "; --model mlp --norm layer normalises each sample on its own" if batch_norm else ""
-  names = ", ".join(map(str, single[:5])) + (", ..." if len(single) > 5 else "")
-  print(f"warning: {len(single)} of {split.n_clients} clients hold a single class ({names}): {what} one class "
-        f"only{advice}; label-skewed federations also need more --rounds (3x closed most of the gap to central "
-        f"training on PBMC, docs/design.md)", file=sys.stderr)
 
 
 def create_model(config: TrainConfig, num_classes: int):
@@ -269,7 +257,7 @@ def train_central(config: TrainConfig, model, split, coords, rng: jax.Array, *,
   pooled = stack_clients([{"x": split.train_x.astype(np.float32), "y": split.train_y.astype(np.int32)}],
                          key_version=config.key_version)
   central = dataclasses.replace(config, client_fraction=1.0, server_optimizer="fedavg", server_learning_rate=None,
-                                prox_mu=0.0)
+                                prox_mu=0.0, drift_correction="none")
   algo = algorithm_from_config(central, classification_task(model))
   init_rng, server_rng = jax.random.split(rng)
   state = algo.init(init_variables(model, split.n_features, init_rng), server_rng, key_version=config.key_version)
@@ -313,6 +301,9 @@ def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = F
   """
   check_key_version(config, key)
   raw = load_data(config)
+  config, federation_choice = fit_to_federation(config, raw)
+  if federation_choice is not None and not resume:
+    say_federation_choice(federation_choice)
   split = client_split(raw, client_view(key, config.key_scheme, raw.n_features))
   model = create_model(config, split.n_classes)
   algo = algorithm_from_config(config, classification_task(model))
@@ -357,6 +348,8 @@ def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = F
       "test": test,
       "config": dataclasses.asdict(config),
   }
+  if federation_choice is not None:
+    summary["federation_choice"] = federation_choice
   if central_test is not None:
     summary["central_right_key_test"] = central_test
   return write_summary(workdir, summary)

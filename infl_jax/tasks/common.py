@@ -36,6 +36,11 @@ def resume_settings(config: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]
   default is the present key's: any key resumes such a run, as it did before."""
   fingerprint, defaults = config.resume_fingerprint()
   defaults["key_fingerprint"] = fingerprint["key_fingerprint"]
+  # "auto" that no task resolved trains without drift correction (the builder adds control variates only for
+  # "scaffold"), as did runs from before --drift-correction existed: both are "none".
+  if fingerprint["drift_correction"] == "auto":
+    fingerprint["drift_correction"] = "none"
+  defaults["drift_correction"] = "none"
   return fingerprint, defaults
 
 
@@ -80,7 +85,7 @@ def train_federated(config: TrainConfig, workdir, algo: FederatedAlgorithm, vari
   those clients); the server state and ``context`` are replicated, and what the caller gets back (and
   ``extra_metrics`` sees) is this process's copy (docs/design.md, "Multi-host simulation").
   """
-  state = algo.init(variables, rng, key_version=config.key_version)
+  state = algo.init(variables, rng, key_version=config.key_version, num_clients=clients.num_clients)
   multi_process = jax.process_count() > 1
   if config.shard_clients or multi_process:
     mesh = client_mesh()
