@@ -221,4 +221,10 @@ class TrainConfig:
     """``(settings, defaults)`` a resumed run must share with the run that wrote the checkpoint:
     every field not declared ``resume=False`` (of the key its version and fingerprint only, since the
     server never holds key material; not the rounds, so a finished run can be extended)."""
-    return resume_fingerprint(self)
+    fingerprint, defaults = resume_fingerprint(self)
+    # "auto" that no task resolved trains without drift correction (the builder adds control variates only for
+    # "scaffold"), as did runs from before --drift-correction existed: both are "none".
+    if fingerprint["drift_correction"] == "auto":
+      fingerprint["drift_correction"] = "none"
+    defaults["drift_correction"] = "none"
+    return fingerprint, defaults

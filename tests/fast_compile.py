@@ -6,5 +6,10 @@ emitters, which compile these programs in about half the time of the newer ones.
 runs, not what it computes (no fast-math either way); each test compares programs compiled alike.
 """
 
-FAST_COMPILE_XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-                          "--xla_cpu_use_fusion_emitters=false")
+from runkit.xla import ONCE, compiler_options
+
+# The classic emitters' flag only where this jaxlib knows it: an unknown flag in XLA_FLAGS aborts the child process
+# (jaxlib 0.12 dropped it), and runkit.xla finds out which by compiling a tiny program with it.
+_CLASSIC_EMITTERS = ("xla_cpu_use_fusion_emitters" in (compiler_options(ONCE) or {}))
+FAST_COMPILE_XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+                          + (" --xla_cpu_use_fusion_emitters=false" if _CLASSIC_EMITTERS else ""))

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from cli_cases import entries, exit_status, write_small_h5ad
 from infl_jax import main as infl
 from lsanet_jax import main as lsanet
 
@@ -23,18 +24,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def no_compilation_cache(monkeypatch):
   # The CLIs turn JAX's persistent cache on in the user's home; tests keep out of it.
   monkeypatch.setenv("INFL_JAX_CACHE_DIR", "off")
-
-
-def exit_status(main, argv) -> int:
-  """``main(argv)``'s exit status; argparse's own errors leave through SystemExit."""
-  try:
-    return main(argv)
-  except SystemExit as e:
-    return e.code
-
-
-def entries(folder: pathlib.Path) -> list[str]:
-  return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
 @pytest.fixture
@@ -119,14 +108,8 @@ def test_lsanet_train_bad_arguments(workdir, capsys, argv, flag):
 
 @pytest.fixture(scope="module")
 def tiny_h5ad(tmp_path_factory):
-  anndata = pytest.importorskip("anndata")
-  import pandas as pd
-  rng = np.random.default_rng(0)
-  obs = pd.DataFrame({"cell_type": rng.choice(["B", "T"], 40), "site": rng.choice(["a", "b"], 40)},
-                     index=[f"c{i}" for i in range(40)])
-  path = tmp_path_factory.mktemp("h5ad") / "tiny.h5ad"
-  anndata.AnnData(X=rng.normal(size=(40, 12)).astype(np.float32), obs=obs).write_h5ad(path)
-  return path
+  pytest.importorskip("anndata")
+  return write_small_h5ad(tmp_path_factory.mktemp("h5ad") / "tiny.h5ad")
 
 
 @pytest.mark.parametrize("existing", [True, False], ids=["existing-workdir", "new-workdir"])

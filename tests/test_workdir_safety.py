@@ -26,9 +26,9 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
+from cli_cases import entries, exit_status, write_small_h5ad
 from infl_jax import keys as keylib
 from infl_jax import main as infl
 from lsanet_jax import main as lsanet
@@ -43,25 +43,8 @@ WAIT_S = 240
 
 @pytest.fixture(scope="module")
 def good_h5ad(tmp_path_factory):
-  anndata = pytest.importorskip("anndata")
-  import pandas as pd
-  rng = np.random.default_rng(0)
-  obs = pd.DataFrame({"cell": rng.choice(["B", "T"], 40), "site": rng.choice(["a", "b"], 40)},
-                     index=[f"c{i}" for i in range(40)])
-  path = tmp_path_factory.mktemp("h5ad") / "good.h5ad"
-  anndata.AnnData(X=rng.normal(size=(40, 12)).astype(np.float32), obs=obs).write_h5ad(path)
-  return path
-
-
-def exit_status(main, argv) -> int:
-  try:
-    return main(argv)
-  except SystemExit as e:
-    return e.code
-
-
-def entries(folder: pathlib.Path) -> list[str]:
-  return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+  pytest.importorskip("anndata")
+  return write_small_h5ad(tmp_path_factory.mktemp("h5ad") / "good.h5ad", label="cell")
 
 
 def one_line_error(capsys, *needles) -> str:
