@@ -7,22 +7,33 @@ Orbax writes each step into a temporary folder and renames it when complete, so 
 run killed mid-save leaves the previous checkpoint intact. Saves are asynchronous: ``save`` returns once
 the arrays are copied to host memory and the files are written while training goes on (a run waits for
 a pending write before the next save, before reading, and on ``close``).
+
+Failures are one line each (docs/design.md, "One round, step by step"): a Ctrl-C during a save is held back
+until the checkpoint is complete (no half-written folder, no thread's traceback); a full disk raises
+``runkit.disk.DiskWriteError``; an unreadable checkpoint raises ``CheckpointError`` with TensorStore's reason.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import json
 import logging
+import os
 import pathlib
 import re
+import shutil
+import signal
 import sys
+import threading
+import warnings
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from runkit.disk import DiskWriteError, disk_error, disk_write_message, error_chain
 from runkit.errors import CheckpointError
 
 __all__ = ["CheckpointError", "Checkpointer"]
@@ -42,13 +53,56 @@ def _json_default(obj):
 
 
 def _short_reason(error: Exception, limit: int = 120) -> str:
-  """The end of an error's first line, where TensorStore says what is wrong (its spec dropped)."""
-  lines = str(error).strip().splitlines()
-  text = re.sub(r"\s*\[tensorstore_spec=.*", "", lines[0] if lines else "")
-  parts, reason = text.split(": "), ""
-  while parts and len(parts[-1]) + len(reason) + 2 <= limit:
-    reason = parts.pop() + (": " + reason if reason else "")
-  return reason or text[-limit:] or type(error).__name__
+  """The end of the first line of the innermost error that says something, where TensorStore says what is
+  wrong (its spec dropped). Orbax wraps TensorStore's error in one whose text is the repr of a bound method
+  (``<bound method ... spec of TensorStore({``): that one says nothing."""
+  for cause in reversed(list(error_chain(error))):
+    lines = str(cause).strip().splitlines()
+    text = re.sub(r"\s*\[tensorstore_spec=.*", "", lines[0] if lines else "")
+    if not text or "<bound method" in text:
+      continue
+    parts, reason = text.split(": "), ""
+    while parts and len(parts[-1]) + len(reason) + 2 <= limit:
+      reason = parts.pop() + (": " + reason if reason else "")
+    return reason or text[-limit:]
+  return type(error).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Ctrl-C while a checkpoint is written. Orbax finishes a save in background threads; a KeyboardInterrupt
+# raised inside its save or its wait for the previous one left a "*.orbax-checkpoint-tmp" folder and
+# printed the threads' tracebacks (up to 131 lines). A save takes tenths of a second, so holding the
+# interrupt back until it is complete costs nothing a user notices.
+
+_DEFERRING = threading.local()
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+  """Holds a SIGINT back until the block ends, then delivers it (KeyboardInterrupt); a second SIGINT in
+  the block is delivered at once (the user insists). Only the main thread receives signals: elsewhere,
+  and where Python's handler is not installed, this changes nothing."""
+  previous = signal.getsignal(signal.SIGINT)
+  if (threading.current_thread() is not threading.main_thread() or getattr(_DEFERRING, "active", False)
+      or not callable(previous)):
+    yield
+    return
+  held = []
+
+  def hold(signum, frame):
+    if held:
+      previous(signum, frame)
+    held.append((signum, frame))
+
+  signal.signal(signal.SIGINT, hold)
+  _DEFERRING.active = True
+  try:
+    yield
+  finally:
+    _DEFERRING.active = False
+    signal.signal(signal.SIGINT, previous)
+  if held:
+    previous(*held[0])
 
 
 @contextlib.contextmanager
@@ -63,57 +117,100 @@ def _orbax_logs_muted():
     absl_logger.setLevel(level)
 
 
-class _AbandonedReads(logging.Filter):
-  """Drops the reports of reads that orbax started and abandoned once one of them failed ("Task exception
-  was never retrieved", a callback for a finished future): the CheckpointError already says what failed."""
+class _Noise:
+  """Whether orbax's reports of failures are dropped: while a Checkpointer is open, and after a failed read or
+  write for the rest of the process. Every failure orbax reports (logged by its background threads, or
+  reported again by the work it abandoned, during the read or write or whenever that is collected, which
+  may be at exit) also reaches the Checkpointer as an exception, which says it in one line."""
+
+  open_checkpointers = 0
+  failed = False
+
+  @classmethod
+  def muted(cls) -> bool:
+    return cls.open_checkpointers > 0 or cls.failed
+
+
+class _OrbaxErrors(logging.Filter):
+  """Drops orbax's error logs (through absl, with tracebacks)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (_Noise.muted() and record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+class _AbandonedWork(logging.Filter):
+  """Drops the reports of reads and writes that orbax started and abandoned once one of them failed ("Task
+  exception was never retrieved", "Future exception was never retrieved", a callback for a finished
+  future)."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     message = record.getMessage().split("\n", 1)[0]
-    return not (message.endswith(" exception was never retrieved")  # of a Task or a Future
-                or message.startswith("exception calling callback for"))
+    return not (_Noise.muted() and (message.endswith(" exception was never retrieved")  # of a Task or a Future
+                                    or message.startswith("exception calling callback for")))
 
 
-_ABANDONED_READS = _AbandonedReads()
+def _abandoned_work_report(unraisable) -> bool:
+  """Whether an unraisable exception is orbax's or TensorStore's report of work it abandoned.
+
+  Two kinds: a read or write finishing after orbax closed its event loop reports "Event loop is closed"
+  from a TensorStore thread; and a read coroutine that orbax abandoned when another read failed, closed
+  when it is collected, turns the GeneratorExit it is closed with into an ``Exception`` ("Encountered error
+  while reading array index", 60 lines of TensorStore spec each: hundreds of lines after one failed
+  restore)."""
+  error = unraisable.exc_value
+  if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+    return True
+  return inspect.iscoroutine(unraisable.object) and isinstance(error.__cause__ or error.__context__, GeneratorExit)
 
 
-def _drop_closed_loop_errors(hook):
-  # A read finishing after orbax closed its event loop reports this error, from a TensorStore thread,
-  # as an unraisable exception.
+def _drop_abandoned_work_reports(hook):
   def unraisablehook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+    if not (_Noise.muted() and _abandoned_work_report(unraisable)):
       hook(unraisable)
-  unraisablehook.drops_closed_loop_errors = True
+  unraisablehook.drops_abandoned_work_reports = True
   return unraisablehook
+
+
+def _install_noise_filters() -> None:
+  """Puts the filters in place (once per process); ``_Noise`` says when they drop anything."""
+  for name, noise_filter in (("absl", _OrbaxErrors), ("asyncio", _AbandonedWork),
+                             ("concurrent.futures", _AbandonedWork)):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, noise_filter) for f in logger.filters):
+      logger.addFilter(noise_filter())
+  if not getattr(sys.unraisablehook, "drops_abandoned_work_reports", False):
+    sys.unraisablehook = _drop_abandoned_work_reports(sys.unraisablehook)
+
+
+def _failed_work_muted() -> None:
+  """After a failed read or write, for the rest of the process (the failure is being reported): also the
+  warnings of coroutines orbax created and never started, and a collection now, so that the abandoned work
+  reports while the filters are on rather than at exit."""
+  _Noise.failed = True
+  warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
+  gc.collect()
 
 
 @contextlib.contextmanager
 def _abandoned_reads_muted():
   """While reading, and after a failed read for the rest of the process: the reads orbax started
   alongside a failed one report the failure again, during the read or whenever they are collected."""
-  loggers = [logging.getLogger(name) for name in ("asyncio", "concurrent.futures")]
-  added = [logger for logger in loggers if _ABANDONED_READS not in logger.filters]
-  for logger in added:
-    logger.addFilter(_ABANDONED_READS)
-  hook = sys.unraisablehook
-  if not getattr(hook, "drops_closed_loop_errors", False):
-    sys.unraisablehook = _drop_closed_loop_errors(hook)
+  _install_noise_filters()
   try:
     yield
-  except Exception:
-    gc.collect()  # the abandoned tasks report when collected: now, while the filter is on
+  except BaseException:
+    _failed_work_muted()
     raise
-  for logger in added:
-    logger.removeFilter(_ABANDONED_READS)
-  sys.unraisablehook = hook
 
 
 class Checkpointer:
   """Saves every ``save_every`` steps, keeps the newest ``keep``, restores with checks."""
 
   def __init__(self, directory, *, save_every: int = 1, keep: int = 3, config: dict | None = None,
-               config_defaults: dict | None = None):
+               config_defaults: dict | None = None, step_name: str = "step"):
     """config: the settings a resume must match (see ``runkit.config.resume_fingerprint``);
-    config_defaults: their defaults, which stand in for settings an older checkpoint does not record."""
+    config_defaults: their defaults, which stand in for settings an older checkpoint does not record;
+    step_name: what a step is called in messages ("round", "epoch")."""
     if save_every < 1:
       raise ValueError(f"save_every must be >= 1, got {save_every}")
     if keep < 1:
@@ -122,29 +219,69 @@ class Checkpointer:
     self.config = _normalise_config(config)
     self.config_defaults = _normalise_config(config_defaults)
     self._save_every = save_every
+    self._step_name = step_name
+    self._pending = None  # the step whose save orbax may still be writing in the background
+    self._failed = False  # a save failed (and was reported): orbax re-raises it on close
+    self._closed = False
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         create=True,
         enable_async_checkpointing=True,
     )
-    with _orbax_logs_muted():  # it logs each unreadable step's metadata file; restore reports that step
+    # Orbax logs each unreadable step's metadata file here; restore reports that step.
+    with _orbax_logs_muted(), self._writing(None):
       self._manager = ocp.CheckpointManager(
           self.directory,
           options=options,
           item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
       )
+    _install_noise_filters()
+    _Noise.open_checkpointers += 1
 
   def save(self, step: int, state, *, extra: dict | None = None, force: bool = False) -> bool:
-    """Writes ``state`` at ``step`` if it falls on the interval (or ``force``); returns whether it did."""
+    """Writes ``state`` at ``step`` if it falls on the interval (or ``force``); returns whether it did.
+
+    A Ctrl-C meanwhile takes effect once this save is under way and the previous one complete; a save
+    that fails for want of space raises ``DiskWriteError`` (here or at the next save, wait or close)."""
     if not force and step % self._save_every != 0:
       return False
     meta = {"config": self.config, "extra": _normalise_config(extra)}
-    self._manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        force=True,
-    )
+    with _interrupts_deferred():
+      self.wait()  # a failure of the previous save is reported as that step's
+      with self._writing(step):
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            force=True,
+        )
+      self._pending = step
     return True
+
+  @contextlib.contextmanager
+  def _writing(self, step: int | None):
+    """Turns a write of ``step`` that failed for want of space, quota or write access into one
+    ``DiskWriteError``, after removing what it left of the step's folder (the space it holds)."""
+    try:
+      yield
+    except Exception as e:
+      code = disk_error(e)
+      if code is None:
+        raise
+      self._failed = True
+      _failed_work_muted()
+      if step is not None:
+        for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+          shutil.rmtree(partial, ignore_errors=True)
+      what = "the checkpoint" + (f" of {self._step_name} {step}" if step is not None else "s")
+      raise DiskWriteError(disk_write_message(code, what, self.directory,
+                                              resumable=bool(self._complete_steps()))) from e
+
+  def _complete_steps(self) -> list[int]:
+    """The steps whose folder orbax finished (renamed to the step's number), read from the folder."""
+    try:
+      return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+    except OSError:
+      return []
 
   def all_steps(self) -> list[int]:
     self.wait()
@@ -177,13 +314,13 @@ class Checkpointer:
     return restored, meta.get("extra", {})
 
   def _where(self, step: int) -> str:
-    return f"checkpoint step {step} at {self.directory / str(step)}"
+    return f"checkpoint {self._step_name} {step} at {self.directory / str(step)}"
 
   def _advice(self, step: int) -> str:
     earlier = [s for s in self.all_steps() if s < step]
     if earlier:
-      return (f"delete that folder to resume from the previous checkpoint (step {earlier[-1]}), or start again "
-              "in a new --workdir")
+      return (f"delete that folder to resume from the previous checkpoint ({self._step_name} {earlier[-1]}), or "
+              "start again in a new --workdir")
     return "it is the only checkpoint: delete that folder and rerun without --resume, or start again in a new --workdir"
 
   @contextlib.contextmanager
@@ -228,14 +365,33 @@ class Checkpointer:
         detail.append(f"unexpected {unexpected[:5]}")
       if wrong:
         detail.append("shape mismatch " + ", ".join(f"{k}: saved {have[k]} vs model {want[k]}" for k in wrong[:5]))
-      raise CheckpointError(f"checkpoint step {step} in {self.directory} does not fit this model/optimizer "
-                            f"({'; '.join(detail)}); resume with the settings that wrote it or use a new --workdir")
+      raise CheckpointError(f"checkpoint {self._step_name} {step} in {self.directory} does not fit this "
+                            f"model/optimizer ({'; '.join(detail)}); resume with the settings that wrote it or use "
+                            "a new --workdir")
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for a save still being written (a Ctrl-C meanwhile takes effect once it is complete)."""
+    with _interrupts_deferred(), self._writing(self._pending):
+      self._manager.wait_until_finished()
+    self._pending = None
 
   def close(self) -> None:
-    self._manager.close()
+    """Completes a pending save (``DiskWriteError`` if it fails) and closes orbax's manager."""
+    if self._closed:
+      return
+    try:
+      with _interrupts_deferred():
+        try:
+          self.wait()
+        finally:
+          try:
+            self._manager.close()
+          except Exception:
+            if not self._failed:  # after a failed save orbax raises it again here: already reported
+              raise
+    finally:
+      self._closed = True
+      _Noise.open_checkpointers -= 1
 
   def __enter__(self):
     return self

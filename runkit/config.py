@@ -23,9 +23,13 @@ import types
 import typing
 from typing import Any, Callable, Sequence
 
-__all__ = ["add_config_arguments", "check_ranges", "option", "resume_fingerprint", "set_fields"]
+__all__ = ["INT_MAX", "add_config_arguments", "check_ranges", "option", "resume_fingerprint", "set_fields"]
 
 _NO_CLI = "no_cli"
+# The ceiling of an integer setting that declares no maximum of its own: counts (rounds, epochs, sizes) end
+# up in JAX's int32 arithmetic and shapes, where a larger value overflowed deep inside a compiled program
+# (a 43-line traceback for --rounds 1000000000000) instead of being refused here.
+INT_MAX = 2**31 - 1
 
 
 def option(default: Any, help: str, *, flag: str | None = None, aliases: Sequence[str] = (), group: str = "run",
@@ -160,16 +164,26 @@ def _is_number(value) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_int_field(annotation) -> bool:
+  kind, _ = _base_type(annotation)
+  return kind is int or (typing.get_origin(kind) is tuple and typing.get_args(kind)[:1] == (int,))
+
+
 def check_ranges(config) -> None:
   """Raises ValueError naming the option (as typed on the command line) whose value is out of range:
   NaN and infinities always (every comparison with NaN is False, so a bound alone lets it through),
-  and the field's bounds; a tuple such as ``--hidden 256,128`` is checked element by element."""
+  and the field's bounds; a tuple such as ``--hidden 256,128`` is checked element by element. An
+  integer field without a maximum of its own is bounded by ``INT_MAX`` (int32)."""
+  hints = typing.get_type_hints(type(config))
   for field in dataclasses.fields(config):
     meta, value = field.metadata, getattr(config, field.name)
     values = value if isinstance(value, tuple) else (value,)
     low, high, above = meta.get("minimum"), meta.get("maximum"), meta.get("above")
+    ceiling = INT_MAX if high is None and _is_int_field(hints.get(field.name)) else None
     for item in filter(_is_number, values):
       finite = isinstance(item, int) or math.isfinite(item)  # (a huge int would overflow isfinite)
+      if ceiling is not None and finite and item > ceiling:
+        high = ceiling  # named only where it is what the value broke
       if finite and (low is None or item >= low) and (high is None or item <= high) and (above is None or item > above):
         continue
       bounds = [f"{op} {_number_text(b)}" for op, b in ((">=", low), (">", above), ("<=", high)) if b is not None]

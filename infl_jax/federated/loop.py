@@ -17,7 +17,10 @@ uninterrupted run would.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
 import pathlib
 import time
 from typing import Any, Callable, NamedTuple
@@ -26,7 +29,8 @@ import jax
 
 from infl_jax.federated.engine import ServerState
 from runkit.checkpoint import Checkpointer
-from runkit.cli import CHECKPOINT_SUBDIR, progress
+from runkit.disk import DiskWriteError, disk_errors_reported
+from runkit.cli import CHECKPOINT_SUBDIR, has_checkpoint, progress
 from runkit.errors import UserInputError
 from runkit.metrics_log import MetricsWriter
 from runkit.xla import LOOP, compiler_options
@@ -61,7 +65,12 @@ class RunDir(NamedTuple):
   def checkpointer(self) -> Checkpointer:
     return Checkpointer(pathlib.Path(self.workdir) / CHECKPOINT_SUBDIR, save_every=self.checkpoint_every,
                         keep=self.keep_checkpoints, config=self.fingerprint,
-                        config_defaults=self.fingerprint_defaults)
+                        config_defaults=self.fingerprint_defaults, step_name="round")
+
+  def metrics_written(self, what: str):
+    """Around a write of metrics.jsonl: a full disk (or quota, or read-only file system) becomes one
+    ``DiskWriteError`` line naming ``what``, the folder and the fix (``runkit.checkpoint``)."""
+    return disk_errors_reported(what, self.workdir, resumable=lambda: has_checkpoint(self.workdir))
 
 
 class RoundsResult(NamedTuple):
@@ -96,6 +105,14 @@ def _check_finite(row: dict, done: int, run_dir: RunDir | None, checkpointer: Ch
                          "and start again in a new --workdir")
 
 
+def _check_rounds(done: int, rounds: int, run_dir: RunDir) -> None:
+  """Refuses a resume asked to stop before the rounds its checkpoint has done: it would record a run of
+  ``rounds`` rounds next to a model trained for more. As many rounds as done evaluates the run again."""
+  if rounds < done:
+    raise UserInputError(f"the run in {run_dir.workdir} has done {done} rounds; --rounds {rounds} would go back; "
+                         f"pass --rounds {done} or more (or drop --resume and choose a new --workdir)")
+
+
 def run_rounds(round_fn: RoundFn, state: ServerState, clients: Any, context: Any, *, rounds: int,
                run_dir: RunDir | None = None, extra_metrics: Callable[[ServerState, int], dict] | None = None,
                should_stop: Callable[[ServerState, int], bool] | None = None,
@@ -108,28 +125,66 @@ def run_rounds(round_fn: RoundFn, state: ServerState, clients: Any, context: Any
   checkpoint is forced there, so the run resumes from it). ``select(row)`` scores a round's metrics
   row (None: not scored); the best round's state comes back as ``selected``. ``show_progress`` None: a
   bar when stderr is a terminal. A NaN or infinite train loss raises ``TrainingDiverged``, leaving the
-  last checkpoint as it was.
+  last checkpoint as it was. A resume with fewer ``rounds`` than its checkpoint has done is refused
+  before anything is written. A full disk raises ``runkit.disk.DiskWriteError``, with metrics.jsonl
+  cut back to the newest complete checkpoint's round, as a resume would cut it (docs/design.md, "One
+  round, step by step": checkpoints and failures).
   """
-  history: list[dict] = []
-  checkpointer = writer = None
-  selected = None  # the best-scoring state so far; None until a round is scored
-  if run_dir is not None:
-    checkpointer = run_dir.checkpointer()
-    if run_dir.resume:
-      restored, extra = checkpointer.restore({"state": state._asdict(), "selected": state._asdict()})
-      state = ServerState(**restored["state"])
-      history = extra.get("history", [])
-      if _best(history, select)[0] is not None:
-        selected = ServerState(**restored["selected"])
-    # One writer in a multi-process run: process 0 (docs/design.md, "Multi-host simulation").
-    if jax.process_index() == 0:
-      writer = MetricsWriter(run_dir.workdir, resume_from_step=int(state.round) if run_dir.resume else None)
-  best_round, best_score = _best(history, select)
-  start = int(state.round)
-  bar = progress(range(start, rounds), total=rounds, initial=start, desc="rounds",
-                 disable=None if show_progress is None else not show_progress)
-  t0 = time.perf_counter()
   try:
+    return _run_rounds(round_fn, state, clients, context, rounds=rounds, run_dir=run_dir,
+                       extra_metrics=extra_metrics, should_stop=should_stop, select=select,
+                       show_progress=show_progress)
+  except DiskWriteError:
+    if run_dir is not None and jax.process_index() == 0:
+      _cut_metrics_to_checkpoint(pathlib.Path(run_dir.workdir))
+    raise
+
+
+def _cut_metrics_to_checkpoint(workdir: pathlib.Path) -> None:
+  """Truncates metrics.jsonl in place (a full disk has no room for a rewrite) after the rows of the rounds
+  the newest complete checkpoint holds; best effort."""
+  with contextlib.suppress(OSError):
+    last = max((int(p.name) for p in (workdir / CHECKPOINT_SUBDIR).iterdir() if p.name.isdigit()), default=0)
+    path = workdir / "metrics.jsonl"
+    data, keep = path.read_bytes(), 0
+    for line in data.splitlines(keepends=True):
+      try:
+        row = json.loads(line)
+      except ValueError:
+        break
+      if not line.endswith(b"\n") or row.get("step", 0) > last:
+        break
+      keep += len(line)
+    if keep < len(data):
+      os.truncate(path, keep)
+
+
+def _run_rounds(round_fn: RoundFn, state: ServerState, clients: Any, context: Any, *, rounds: int,
+                run_dir: RunDir | None, extra_metrics: Callable[[ServerState, int], dict] | None,
+                should_stop: Callable[[ServerState, int], bool] | None, select: SelectFn | None,
+                show_progress: bool | None) -> RoundsResult:
+  history: list[dict] = []
+  checkpointer = writer = bar = None
+  selected = None  # the best-scoring state so far; None until a round is scored
+  try:
+    if run_dir is not None:
+      checkpointer = run_dir.checkpointer()
+      if run_dir.resume:
+        restored, extra = checkpointer.restore({"state": state._asdict(), "selected": state._asdict()})
+        state = ServerState(**restored["state"])
+        _check_rounds(int(state.round), rounds, run_dir)
+        history = extra.get("history", [])
+        if _best(history, select)[0] is not None:
+          selected = ServerState(**restored["selected"])
+      # One writer in a multi-process run: process 0 (docs/design.md, "Multi-host simulation").
+      if jax.process_index() == 0:
+        with run_dir.metrics_written("metrics.jsonl"):
+          writer = MetricsWriter(run_dir.workdir, resume_from_step=int(state.round) if run_dir.resume else None)
+    best_round, best_score = _best(history, select)
+    start = int(state.round)
+    bar = progress(range(start, rounds), total=rounds, initial=start, desc="rounds",
+                   disable=None if show_progress is None else not show_progress)
+    t0 = time.perf_counter()
     for r in bar:
       if r == start:  # the first call traces and compiles the round (or loads it from the compilation cache)
         bar.set_description("rounds (compiling)")
@@ -150,16 +205,21 @@ def run_rounds(round_fn: RoundFn, state: ServerState, clients: Any, context: Any
       stop = should_stop is not None and should_stop(state, done)
       if checkpointer is not None:
         if writer is not None:
-          writer.write(done, row)
+          with run_dir.metrics_written(f"the metrics of round {done} to metrics.jsonl"):
+            writer.write(done, row)
         # ``selected`` is the newest state when nothing is scored, so the checkpoint's layout is fixed.
         checkpointer.save(done, {"state": state._asdict(), "selected": (selected or state)._asdict()},
                           extra={"history": history, "selected_round": best_round}, force=(done == rounds or stop))
       if stop:
         break
   finally:
-    bar.close()
-    if writer is not None:
-      writer.close()
-    if checkpointer is not None:
-      checkpointer.close()
+    if bar is not None:
+      bar.close()
+    try:
+      if writer is not None:
+        with run_dir.metrics_written("metrics.jsonl"):
+          writer.close()
+    finally:
+      if checkpointer is not None:
+        checkpointer.close()  # completes the last save (a Ctrl-C meanwhile waits for it)
   return RoundsResult(state, history, time.perf_counter() - t0, selected)

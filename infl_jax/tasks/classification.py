@@ -23,13 +23,13 @@ from infl_jax.config import GENERIC_N_CLIENTS, TrainConfig
 from infl_jax.federated import (ClientData, ServerState, Task, algorithm_from_config, global_variables, jit_round,
                                 run_rounds, stack_clients)
 from infl_jax.key_scheme import KeyView, client_view, study_views
-from infl_jax.tasks.common import (check_key_version, split_clients, stopped_early, train_federated,
+from infl_jax.tasks.common import (check_key_version, check_memory, split_clients, stopped_early, train_federated,
                                    write_summary)
 from infl_jax.tasks.label_skew import fit_to_federation, say_federation_choice, warn_single_class_clients
 from runkit.errors import UserInputError
 from runkit.xla import LOOP, ONCE, compiler_options
 
-__all__ = ["accepts_kwarg", "accepts_mask", "binary_auc", "classification_metrics",
+__all__ = ["accepts_kwarg", "accepts_mask", "binary_auc", "check_model_fits", "classification_metrics",
            "classification_task", "client_data", "client_split", "create_model", "cross_entropy", "evaluate",
            "format_summary", "init_variables", "load_data", "predict_logits", "run", "softmax",
            "train_central"]
@@ -293,6 +293,23 @@ def validation_score(config: TrainConfig):
   return lambda row: row.get("val_accuracy")
 
 
+def check_model_fits(config: TrainConfig, model, algo, num_features: int, clients, init_rng: jax.Array,
+                     server_rng: jax.Array, *, client_chunk_size: int | None = None) -> None:
+  """``check_memory`` before anything of the model is allocated (its variables from ``jax.eval_shape``): a
+  model too large for the machine is refused in one line naming the setting, where XLA aborted the process.
+  ``clients``: a ``ClientSource`` (its data counted as ``num_features`` float32 inputs and a label)."""
+  abstract = jax.eval_shape(functools.partial(init_variables, model, num_features), init_rng)
+  max_samples = int(np.max(clients.num_samples))
+  if config.model == "proteomics":
+    what = f"--model proteomics on {num_features} input features"
+    fix = "keep fewer features (--n-top-features), or use --model mlp with a small --hidden"
+  else:
+    what, fix = f"--hidden {','.join(map(str, config.hidden))}", "choose a smaller --hidden"
+  check_memory(config, algo, abstract, clients, server_rng, model=what, model_fix=fix,
+               data_bytes=clients.num_clients * max_samples * (num_features * 4 + 4),
+               client_chunk_size=client_chunk_size)
+
+
 def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = False,
         stop_after_round: int | None = None, show_progress: bool | None = None) -> dict:
   """Runs (or resumes) the federated training in ``workdir`` and writes metrics.jsonl and summary.json.
@@ -309,6 +326,8 @@ def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = F
   algo = algorithm_from_config(config, classification_task(model))
   coords = jnp.asarray(key.coords)
   init_rng, server_rng, central_rng = jax.random.split(jax.random.key(config.seed), 3)
+  clients = split_clients(split, config.key_version)
+  check_model_fits(config, model, algo, split.n_features, clients, init_rng, server_rng)
 
   # The central baseline trains in the background while the federated rounds run (not when the run is to
   # stop early: it would not be used); a failed federated run abandons it rather than wait for it.
@@ -318,7 +337,7 @@ def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = F
                if config.central_baseline and stop_after_round is None else None)
     try:
       result = train_federated(config, workdir, algo, init_variables(model, split.n_features, init_rng),
-                               split_clients(split, config.key_version), coords, rng=server_rng, resume=resume,
+                               clients, coords, rng=server_rng, resume=resume,
                                stop_after_round=stop_after_round, show_progress=show_progress,
                                extra_metrics=validation_metrics(config, model, split, coords),
                                select=validation_score(config))
