@@ -1,4 +1,5 @@
-"""What the CLI failure tests share: a CLI's exit status, a folder's entries, and a small valid h5ad."""
+"""What the CLI failure tests share: a CLI's exit status, its one-line error, a folder's entries, and a small
+valid h5ad."""
 
 import pathlib
 
@@ -11,6 +12,17 @@ def exit_status(main, argv) -> int:
     return main(argv)
   except SystemExit as e:
     return e.code
+
+
+def one_line_error(capsys, *needles) -> str:
+  """The one line a CLI printed on stderr, after checking it is an error, alone, with every needle and no traceback."""
+  err = capsys.readouterr().err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), err
+  assert "Traceback" not in err
+  for needle in needles:
+    assert needle in lines[0], (needle, lines[0])
+  return lines[0]
 
 
 def entries(folder: pathlib.Path) -> list[str]:

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from cli_cases import entries, exit_status, write_small_h5ad
+from cli_cases import entries, exit_status, one_line_error as assert_one_line_error, write_small_h5ad
 from infl_jax import main as infl
 from lsanet_jax import main as lsanet
 
@@ -34,15 +34,6 @@ def workdir(tmp_path):
   (w / "notes" / "plan.txt").write_text("mine")
   (w / "README").write_text("mine too")
   return w
-
-
-def assert_one_line_error(capsys, *needles):
-  err = capsys.readouterr().err
-  lines = err.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: "), err
-  assert "Traceback" not in err
-  for needle in needles:
-    assert needle in lines[0], (needle, lines[0])
 
 
 @pytest.mark.parametrize("argv, flag", [

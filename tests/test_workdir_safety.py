@@ -28,7 +28,7 @@ import time
 
 import pytest
 
-from cli_cases import entries, exit_status, write_small_h5ad
+from cli_cases import entries, exit_status, one_line_error, write_small_h5ad
 from infl_jax import keys as keylib
 from infl_jax import main as infl
 from lsanet_jax import main as lsanet
@@ -45,16 +45,6 @@ WAIT_S = 240
 def good_h5ad(tmp_path_factory):
   pytest.importorskip("anndata")
   return write_small_h5ad(tmp_path_factory.mktemp("h5ad") / "good.h5ad", label="cell")
-
-
-def one_line_error(capsys, *needles) -> str:
-  err = capsys.readouterr().err
-  lines = err.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: "), err
-  assert "Traceback" not in err
-  for needle in needles:
-    assert needle in lines[0], (needle, lines[0])
-  return lines[0]
 
 
 @pytest.fixture
