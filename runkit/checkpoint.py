@@ -16,18 +16,12 @@ until the checkpoint is complete (no half-written folder, no thread's traceback)
 from __future__ import annotations
 
 import contextlib
-import gc
-import inspect
 import json
-import logging
-import os
 import pathlib
 import re
 import shutil
 import signal
-import sys
 import threading
-import warnings
 
 import jax
 import numpy as np
@@ -35,6 +29,8 @@ import orbax.checkpoint as ocp
 
 from runkit.disk import DiskWriteError, disk_error, disk_write_message, error_chain
 from runkit.errors import CheckpointError
+from runkit.orbax_noise import (Noise, abandoned_reads_muted, failed_work_muted, install_noise_filters,
+                                orbax_logs_muted)
 
 __all__ = ["CheckpointError", "Checkpointer"]
 
@@ -105,104 +101,6 @@ def _interrupts_deferred():
     previous(*held[0])
 
 
-@contextlib.contextmanager
-def _orbax_logs_muted():
-  """Orbax logs (through absl) the files it cannot read; restore turns those into one CheckpointError."""
-  absl_logger = logging.getLogger("absl")
-  level = absl_logger.level
-  absl_logger.setLevel(logging.CRITICAL)
-  try:
-    yield
-  finally:
-    absl_logger.setLevel(level)
-
-
-class _Noise:
-  """Whether orbax's reports of failures are dropped: while a Checkpointer is open, and after a failed read or
-  write for the rest of the process. Every failure orbax reports (logged by its background threads, or
-  reported again by the work it abandoned, during the read or write or whenever that is collected, which
-  may be at exit) also reaches the Checkpointer as an exception, which says it in one line."""
-
-  open_checkpointers = 0
-  failed = False
-
-  @classmethod
-  def muted(cls) -> bool:
-    return cls.open_checkpointers > 0 or cls.failed
-
-
-class _OrbaxErrors(logging.Filter):
-  """Drops orbax's error logs (through absl, with tracebacks)."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not (_Noise.muted() and record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
-
-
-class _AbandonedWork(logging.Filter):
-  """Drops the reports of reads and writes that orbax started and abandoned once one of them failed ("Task
-  exception was never retrieved", "Future exception was never retrieved", a callback for a finished
-  future)."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    message = record.getMessage().split("\n", 1)[0]
-    return not (_Noise.muted() and (message.endswith(" exception was never retrieved")  # of a Task or a Future
-                                    or message.startswith("exception calling callback for")))
-
-
-def _abandoned_work_report(unraisable) -> bool:
-  """Whether an unraisable exception is orbax's or TensorStore's report of work it abandoned.
-
-  Two kinds: a read or write finishing after orbax closed its event loop reports "Event loop is closed"
-  from a TensorStore thread; and a read coroutine that orbax abandoned when another read failed, closed
-  when it is collected, turns the GeneratorExit it is closed with into an ``Exception`` ("Encountered error
-  while reading array index", 60 lines of TensorStore spec each: hundreds of lines after one failed
-  restore)."""
-  error = unraisable.exc_value
-  if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-    return True
-  return inspect.iscoroutine(unraisable.object) and isinstance(error.__cause__ or error.__context__, GeneratorExit)
-
-
-def _drop_abandoned_work_reports(hook):
-  def unraisablehook(unraisable):
-    if not (_Noise.muted() and _abandoned_work_report(unraisable)):
-      hook(unraisable)
-  unraisablehook.drops_abandoned_work_reports = True
-  return unraisablehook
-
-
-def _install_noise_filters() -> None:
-  """Puts the filters in place (once per process); ``_Noise`` says when they drop anything."""
-  for name, noise_filter in (("absl", _OrbaxErrors), ("asyncio", _AbandonedWork),
-                             ("concurrent.futures", _AbandonedWork)):
-    logger = logging.getLogger(name)
-    if not any(isinstance(f, noise_filter) for f in logger.filters):
-      logger.addFilter(noise_filter())
-  if not getattr(sys.unraisablehook, "drops_abandoned_work_reports", False):
-    sys.unraisablehook = _drop_abandoned_work_reports(sys.unraisablehook)
-
-
-def _failed_work_muted() -> None:
-  """After a failed read or write, for the rest of the process (the failure is being reported): also the
-  warnings of coroutines orbax created and never started, and a collection now, so that the abandoned work
-  reports while the filters are on rather than at exit."""
-  _Noise.failed = True
-  warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
-  gc.collect()
-
-
-@contextlib.contextmanager
-def _abandoned_reads_muted():
-  """While reading, and after a failed read for the rest of the process: the reads orbax started
-  alongside a failed one report the failure again, during the read or whenever they are collected."""
-  _install_noise_filters()
-  try:
-    yield
-  except BaseException:
-    _failed_work_muted()
-    raise
-
-
 class Checkpointer:
   """Saves every ``save_every`` steps, keeps the newest ``keep``, restores with checks."""
 
@@ -229,14 +127,14 @@ class Checkpointer:
         enable_async_checkpointing=True,
     )
     # Orbax logs each unreadable step's metadata file here; restore reports that step.
-    with _orbax_logs_muted(), self._writing(None):
+    with orbax_logs_muted(), self._writing(None):
       self._manager = ocp.CheckpointManager(
           self.directory,
           options=options,
           item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
       )
-    _install_noise_filters()
-    _Noise.open_checkpointers += 1
+    install_noise_filters()
+    Noise.open_checkpointers += 1
 
   def save(self, step: int, state, *, extra: dict | None = None, force: bool = False) -> bool:
     """Writes ``state`` at ``step`` if it falls on the interval (or ``force``); returns whether it did.
@@ -268,13 +166,20 @@ class Checkpointer:
       if code is None:
         raise
       self._failed = True
-      _failed_work_muted()
+      failed_work_muted()
       if step is not None:
-        for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-          shutil.rmtree(partial, ignore_errors=True)
+        self._remove_partial(step)
       what = "the checkpoint" + (f" of {self._step_name} {step}" if step is not None else "s")
       raise DiskWriteError(disk_write_message(code, what, self.directory,
                                               resumable=bool(self._complete_steps()))) from e
+
+  def _remove_partial(self, step: int) -> None:
+    """Removes what a failed save of ``step`` left, once orbax's threads have stopped writing into it
+    (removed while one still wrote, under load, the folder came back with the files written after)."""
+    with contextlib.suppress(Exception):  # the failure is already being reported
+      self._manager.wait_until_finished()
+    for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+      shutil.rmtree(partial, ignore_errors=True)
 
   def _complete_steps(self) -> list[int]:
     """The steps whose folder orbax finished (renamed to the step's number), read from the folder."""
@@ -330,7 +235,7 @@ class Checkpointer:
     Orbax and TensorStore raise many types for unreadable files, with messages of 60 lines (the whole
     TensorStore spec); orbax also logs the failure, and reads it abandoned report it again later."""
     try:
-      with _orbax_logs_muted(), _abandoned_reads_muted():
+      with orbax_logs_muted(), abandoned_reads_muted():
         yield
     except Exception as e:
       raise CheckpointError(f"{self._where(step)} is unreadable (corrupted or incomplete: {_short_reason(e)}); "
@@ -391,7 +296,7 @@ class Checkpointer:
               raise
     finally:
       self._closed = True
-      _Noise.open_checkpointers -= 1
+      Noise.open_checkpointers -= 1
 
   def __enter__(self):
     return self

@@ -228,7 +228,7 @@ before = snapshot()
 done = subprocess.run([sys.executable, "-c", cli, *sys.argv[4:], "--workdir", str(workdir)], capture_output=True,
                       text=True)
 print(json.dumps({"mounted": True, "workdir": str(workdir), "rc": done.returncode, "stderr": done.stderr,
-                  "same": snapshot() == before}))
+                  "before": before, "after": snapshot()}))
 """
 
 # Where no tmpfs can be mounted (not root): orbax's save fails with the error TensorStore raises on a full
@@ -266,12 +266,13 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line(dataset, finished_run
     before = snapshot(workdir)
     done = subprocess.run([sys.executable, "-c", FULL_DISK_INJECTED, *args, "--workdir", workdir],
                           capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300)
-    seen = {"workdir": str(workdir), "rc": done.returncode, "stderr": done.stderr, "same": snapshot(workdir) == before}
+    seen = {"workdir": str(workdir), "rc": done.returncode, "stderr": done.stderr, "before": before,
+            "after": snapshot(workdir)}
   assert seen["rc"] == 2, seen["stderr"][-3000:]
   line = error_line(seen["stderr"])
   assert line == (f"error: no space left on device writing the checkpoint of round 4 in {seen['workdir']}/checkpoints; "
                   "free space (or move the run folder to a disk with room), then rerun with --resume")
-  assert seen["same"]
+  assert seen["after"] == seen["before"]
 
 
 def checkpoint_folders(workdir: pathlib.Path) -> list[str]:
