@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from lsanet_jax.backbones import batch_norm, conv
@@ -53,6 +54,10 @@ class LinearHead(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    if self.dtype != jnp.float32:
+      # jaxlib 0.12's CPU compiler fuses a bfloat16 block's last convolution, batch norm and ReLU into this
+      # mean and returns NaN for most rows (the plain variant's jitted forward pass); kept apart, it is exact.
+      x = jax.lax.optimization_barrier(x)
     pooled = jnp.mean(x, axis=(1, 2))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(pooled)
     return logits.astype(jnp.float32), pooled

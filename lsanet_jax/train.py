@@ -24,6 +24,7 @@ import optax
 from runkit.checkpoint import Checkpointer
 from runkit.cli import CHECKPOINT_SUBDIR, progress
 from runkit.config import resume_fingerprint
+from runkit.errors import TrainingDiverged
 from runkit.metrics_log import MetricsWriter, read_metrics, write_json_atomic
 
 from lsanet_jax import metrics as official_metrics
@@ -156,8 +157,12 @@ def evaluate(predict, variables: dict, on_device: dict, split: str, task: str) -
   where = on_device["splits"][split]
   probs = predict(variables, on_device["eval_images"], where["first_batch"], where["num_batches"])
   labels = where["labels"]
-  return {head: official_metrics.evaluate(labels, np.asarray(p)[:labels.shape[0]], task)
-          for head, p in probs.items()}
+  probs = {head: np.asarray(p)[:labels.shape[0]] for head, p in probs.items()}
+  for head, p in probs.items():
+    if not np.isfinite(p).all():
+      raise TrainingDiverged(f"the {head} head's {split} predictions are NaN or infinite (the model diverged); lower "
+                             "--lr (or leave out --bf16) and start again in a new --workdir")
+  return {head: official_metrics.evaluate(labels, p, task) for head, p in probs.items()}
 
 
 def current_variables(state) -> dict:
@@ -218,6 +223,9 @@ def run_epoch(config: TrainConfig, epoch: int, state, best: dict | None, *, trai
   started = time.perf_counter()
   state, train_metrics = train_epoch(state, *on_device["train"], epoch_key(config.seed, epoch))
   train_metrics = jax.device_get(train_metrics)  # waits for the epoch, so the two times below are apart
+  if not math.isfinite(train_metrics["loss"]):
+    raise TrainingDiverged(f"training diverged in epoch {epoch} (train loss {float(train_metrics['loss'])}); lower "
+                           "--lr (or leave out --bf16) and start again in a new --workdir")
   trained = time.perf_counter()
   val = None
   if validate:

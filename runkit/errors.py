@@ -7,3 +7,8 @@ class UserInputError(ValueError):
 
 class CheckpointError(RuntimeError):
   """A checkpoint is missing, corrupted, or belongs to a different run."""
+
+
+class TrainingDiverged(UserInputError):
+  """The training loss or the model's predictions became NaN or infinite; the settings (usually the
+  learning rate, or low precision) are at fault."""

@@ -155,6 +155,31 @@ def test_lsanet_train_failed_run_leaves_the_workdir_as_it_was(workdir, monkeypat
   assert entries(workdir) == before
 
 
+@pytest.mark.parametrize("where", ["loss", "predictions"])
+def test_lsanet_train_divergence_is_one_line(workdir, monkeypatch, capsys, where):
+  """A NaN train loss, or NaN predictions (jaxlib 0.12 made them in bfloat16 once: lsanet_jax/lsa.py), ended
+  in scikit-learn's traceback from the AUC; now one line naming the flags to change, the workdir as it was."""
+  from lsanet_jax import train
+
+  def epoch(state, images, labels, key):
+    return state, {"loss": np.float32("nan" if where == "loss" else 1.0)}
+
+  def predict(variables, images, first_batch, num_batches):
+    return {"main": np.full((images.shape[0], 10), np.nan, np.float32)}
+
+  # A stand-in state and functions skip the model's compilation.
+  stand_in = {"params": {"w": np.zeros(3, np.float32)}, "batch_stats": {}, "step": np.int32(1)}
+  monkeypatch.setattr(train, "create_train_state", lambda *a, **k: stand_in)
+  monkeypatch.setattr(train, "make_train_epoch", lambda *a, **k: (epoch, 1))
+  monkeypatch.setattr(train, "make_predict", lambda *a, **k: predict)
+  before = entries(workdir)
+  assert lsanet.main(["--flag", "digits", "--epochs", "1", "--workdir", str(workdir)]) == 2
+  said = {"loss": "training diverged in epoch 1 (train loss nan)",
+          "predictions": "the main head's val predictions are NaN or infinite"}[where]
+  assert_one_line_error(capsys, said, "lower --lr (or leave out --bf16)", "new --workdir")
+  assert entries(workdir) == before
+
+
 def test_corrupted_checkpoint_is_reported_in_one_short_message(tmp_path):
   from lsanet_jax.train import state_to_checkpoint
   from runkit.checkpoint import Checkpointer

@@ -43,8 +43,10 @@ _CHILD = textwrap.dedent("""
     task = classification_task(model)
 
     # 4 of 6 clients sampled per round, one client per vmap chunk; client 2 (stale key) is among
-    # round 1's sample.
-    algo = fedavg(task, optax.adam(1e-2), local_epochs=2, batch_size=8, client_fraction=0.67, client_chunk_size=1)
+    # round 1's sample. Plain SGD: Adam divides each gradient by its running root mean square, so on a
+    # coordinate whose gradient is near zero the last-bit difference between two compilations of one client's
+    # step becomes a step-sized difference (2e-5 after two rounds on jaxlib 0.12), hiding what is compared.
+    algo = fedavg(task, optax.sgd(0.1), local_epochs=2, batch_size=8, client_fraction=0.67, client_chunk_size=1)
     rnd = jax.jit(algo.round)
     single = algo.init(variables, jax.random.key(7))
     # The server state replicated over the mesh from the start, as a sharded round leaves it: both sharded
@@ -88,7 +90,7 @@ def test_sharded_round_equals_single_device_round_on_four_host_devices():
     single, sharded = row["single"], row["sharded"]
     assert row["round"][0] == row["round"][1] and row["params_replicated"]
     assert row["moved"] > 1e-3, row  # the round did train
-    assert row["max_abs_diff"] < 1e-5, row
+    assert row["max_abs_diff"] < 1e-6, row  # float32 rounding (2e-7 seen on jaxlib 0.10 and 0.12)
     assert single["num_sampled"] == sharded["num_sampled"] == 4
     assert single["num_accepted"] == sharded["num_accepted"]
     np.testing.assert_allclose(sharded["train_loss"], single["train_loss"], rtol=1e-5)

@@ -31,7 +31,7 @@ from infl_jax.federated.engine import ServerState
 from runkit.checkpoint import Checkpointer
 from runkit.disk import DiskWriteError, disk_errors_reported
 from runkit.cli import CHECKPOINT_SUBDIR, has_checkpoint, progress
-from runkit.errors import UserInputError
+from runkit.errors import TrainingDiverged, UserInputError
 from runkit.metrics_log import MetricsWriter
 from runkit.xla import LOOP, compiler_options
 
@@ -46,10 +46,6 @@ SelectFn = Callable[[dict], Any]
 def jit_round(round_fn: RoundFn) -> RoundFn:
   """``round_fn`` jit-compiled for a run of many rounds (``runkit.xla``: a shorter compile on CPU)."""
   return jax.jit(round_fn, compiler_options=compiler_options(LOOP))
-
-
-class TrainingDiverged(UserInputError):
-  """The training loss became NaN or infinite; the settings (usually the learning rate) are at fault."""
 
 
 class RunDir(NamedTuple):
