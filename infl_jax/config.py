@@ -167,6 +167,9 @@ class TrainConfig:
                                  "auto uses them for classification when a client holds a single class or fewer "
                                  "than half of the classes (docs/design.md, \"Drift correction\")",
                                  group="federated", choices=("auto", "none", "scaffold"))
+  absent_class_scale: float = option(1.0, "FedRS restricted softmax: each client's training loss multiplies the "
+                                     "logits of the classes it holds no sample of by this (the paper: 0.5); 1: off",
+                                     group="federated", minimum=0, maximum=1)
   shard_clients: bool = option(False, "split the clients over all local devices (one round, each device "
                                "training its share)", flag="--shard-clients", const=True, group="federated",
                                resume=False)

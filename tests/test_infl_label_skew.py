@@ -1,13 +1,16 @@
-"""Clients that hold few classes: LayerNorm in the MLP and the single-class warning."""
+"""Clients that hold few classes: LayerNorm in the MLP, the single-class warning, the choice of drift correction
+and FedRS's restricted softmax."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from infl_jax.config import TrainConfig
 from infl_jax.keys import generate_key
 from infl_jax.models import make_mlp_classifier
 from infl_jax.tasks import classification, label_skew
+from infl_jax.tasks.common import class_presence, split_clients
 
 COORDS = generate_key(3).coords
 
@@ -77,13 +80,53 @@ def test_a_skewed_run_says_and_records_its_choice(tmp_path, capsys):
   capsys.readouterr()
   assert main([f"--dataset={tmp_path / 'cells.h5ad'}", "--label-key", "cell_type", "--partition", "label-skew",
                "--classes-per-client", "1", "--n-clients", "4", "--rounds", "2", "--hidden", "8",
-               "--no-central-baseline", "--key-seed", "1", "--workdir", str(tmp_path / "run")]) == 0
+               "--absent-class-scale", "0.5", "--no-central-baseline", "--key-seed", "1",
+               "--workdir", str(tmp_path / "run")]) == 0
   assert "training with SCAFFOLD drift correction" in capsys.readouterr().err
   summary = json.loads((tmp_path / "run" / "summary.json").read_text())
   assert summary["federation_choice"]["drift_correction"] == "scaffold"
-  assert summary["config"]["drift_correction"] == "scaffold"
+  assert summary["config"]["drift_correction"] == "scaffold" and summary["config"]["absent_class_scale"] == 0.5
   # The resume resolves the same choice from the same data and accepts the checkpoint.
   assert main([f"--dataset={tmp_path / 'cells.h5ad'}", "--label-key", "cell_type", "--partition", "label-skew",
                "--classes-per-client", "1", "--n-clients", "4", "--rounds", "3", "--hidden", "8",
-               "--no-central-baseline", "--workdir", str(tmp_path / "run"), "--resume"]) == 0
+               "--absent-class-scale", "0.5", "--no-central-baseline", "--workdir", str(tmp_path / "run"),
+               "--resume"]) == 0
   assert json.loads((tmp_path / "run" / "summary.json").read_text())["rounds"] == 3
+
+
+def test_class_presence_marks_the_classes_a_client_holds(tmp_path):
+  np.testing.assert_array_equal(class_presence(np.array([2, 0, 2]), 4, rows=5), [[1, 0, 1, 0]] * 5)
+  # Stacked clients carry it on each sample's row, each client its own classes (padding rows, left out of the
+  # loss, are zeros).
+  split = _tiny_split(tmp_path, partition="label-skew", classes_per_client=1, n_clients=4)
+  clients = split_clients(split, 1, presence=True).stack(range(4), 40)
+  held, y = np.asarray(clients.data["held"]), np.asarray(clients.data["y"])
+  for k in range(4):
+    n = int(clients.num_samples[k])
+    assert held[k].shape == (40, 4) and (held[k, :n] == held[k, 0]).all() and not held[k, n:].any()
+    np.testing.assert_array_equal(np.flatnonzero(held[k, 0]), np.unique(y[k, :n]))
+  assert "held" not in split_clients(split, 1).stack(range(4), 40).data
+
+
+def test_restricted_softmax_scales_the_logits_of_absent_classes():
+  """FedRS's loss against a hand computation: the logits of classes 1 and 3, which the client lacks, halved."""
+  model, variables = _model_and_variables()
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 5)), jnp.float32)
+  y = jnp.asarray([0, 2, 0])
+  batch, mask = {"x": x, "y": y, "held": jnp.asarray(class_presence(np.asarray(y), 4))}, jnp.ones(3)
+  logits = np.asarray(model.apply(variables, x, key_coords=COORDS, train=False), np.float64)
+  params, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+
+  def loss(scale):
+    task = classification.classification_task(model, absent_class_scale=scale)
+    return float(task.loss(params, state, batch, mask, jax.random.key(0), COORDS)[0])
+
+  def hand(z):
+    z = z - z.max(1, keepdims=True)
+    return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(3), np.asarray(y)]))
+
+  np.testing.assert_allclose(loss(0.5), hand(logits * [1, 0.5, 1, 0.5]), rtol=1e-5)
+  np.testing.assert_allclose(loss(1.0), hand(logits), rtol=1e-5)
+  np.testing.assert_allclose(loss(1.0), float(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()),
+                             rtol=1e-5)
+  assert loss(0.5) != loss(1.0)

@@ -27,6 +27,7 @@ from infl_jax.federated.local import LocalConfig
 from infl_jax.flower.settings import SiteSpec, site_config
 from infl_jax.key_scheme import client_view
 from infl_jax.tasks import classification as cls
+from infl_jax.tasks.common import class_presence
 from runkit.errors import UserInputError
 from runkit.xla import LOOP, compiler_options
 
@@ -110,7 +111,7 @@ def load_site_key(spec: SiteSpec, config: TrainConfig) -> keylib.SecretKey:
 def _local_program(config: TrainConfig, n_classes: int):
   """The site's local update, compiled once per process: ``client_update`` as the simulation's round calls it."""
   model = cls.create_model(config, n_classes)
-  task = cls.classification_task(model)
+  task = cls.classification_task(model, absent_class_scale=config.absent_class_scale)
   optimizer = client_optimizer_from_config(config)
   local = LocalConfig(local_epochs=config.local_epochs, batch_size=config.batch_size, prox_mu=config.prox_mu)
   schedule = cosine_round_schedule(config.rounds) if config.lr_schedule == "cosine" else None
@@ -145,6 +146,9 @@ class Site:
   def train(self, params, model_state, rng_data: np.ndarray, round_: int):
     """(delta, model_state_k, loss) of one round's local training from the global ``params``."""
     data = {"x": jnp.asarray(self.data.x), "y": jnp.asarray(self.data.y)}
+    if self.config.absent_class_scale != 1.0:  # FedRS: the classes this site holds (padding rows excluded)
+      data["held"] = jnp.asarray(class_presence(self.data.y[:self.data.num_samples], self.data.n_classes,
+                                                rows=len(self.data.y)))
     out = self._update(params, model_state, data, jnp.int32(self.data.num_samples), jnp.asarray(rng_data, jnp.uint32),
                        jnp.int32(round_), jnp.asarray(self.key.coords))
     return jax.device_get(out)

@@ -50,11 +50,13 @@ def _mode_kwargs(model: nn.Module, train: bool) -> dict:
   return {"train": train} if accepts_kwarg(model, "train") else {}
 
 
-def classification_task(model: nn.Module) -> Task:
+def classification_task(model: nn.Module, *, absent_class_scale: float = 1.0) -> Task:
   """Mask-weighted softmax cross-entropy; ``context`` is the key coordinates (None: no INR path).
 
   ``train=`` and ``mask=`` are passed only to models whose ``__call__`` takes them, so a
-  plain user model keyed with ``keyed(...)`` works as it is.
+  plain user model keyed with ``keyed(...)`` works as it is. ``absent_class_scale`` < 1: FedRS's restricted
+  softmax (Li & Zhan 2021; docs/design.md, "Clients that hold few classes"), the logits of the classes a client
+  holds no sample of multiplied by it in its loss; the batch then carries ``"held"`` (``common.class_presence``).
   """
   extra_kwargs = _mode_kwargs(model, True)
   mask_kwarg = accepts_mask(model)
@@ -63,7 +65,10 @@ def classification_task(model: nn.Module) -> Task:
     extra = dict(extra_kwargs, **({"mask": mask > 0} if mask_kwarg else {}))
     logits, updates = model.apply({"params": params, **model_state}, batch["x"], key_coords=context,
                                   rngs={"dropout": rng}, mutable=list(model_state.keys()), **extra)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["y"])
+    logits = logits.astype(jnp.float32)
+    if absent_class_scale != 1.0:
+      logits = logits * jnp.where(batch["held"] > 0, 1.0, absent_class_scale)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
     return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0), updates
 
   return Task(loss=loss)
@@ -323,10 +328,10 @@ def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = F
     say_federation_choice(federation_choice)
   split = client_split(raw, client_view(key, config.key_scheme, raw.n_features))
   model = create_model(config, split.n_classes)
-  algo = algorithm_from_config(config, classification_task(model))
+  algo = algorithm_from_config(config, classification_task(model, absent_class_scale=config.absent_class_scale))
   coords = jnp.asarray(key.coords)
   init_rng, server_rng, central_rng = jax.random.split(jax.random.key(config.seed), 3)
-  clients = split_clients(split, config.key_version)
+  clients = split_clients(split, config.key_version, presence=config.absent_class_scale != 1.0)
   check_model_fits(config, model, algo, split.n_features, clients, init_rng, server_rng)
 
   # The central baseline trains in the background while the federated rounds run (not when the run is to

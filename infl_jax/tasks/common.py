@@ -26,7 +26,7 @@ from runkit.cli import has_checkpoint
 from runkit.errors import CheckpointError, UserInputError
 from runkit.metrics_log import write_json_atomic
 
-__all__ = ["check_key_version", "check_memory", "memory_available", "resume_settings", "split_clients",
+__all__ = ["check_key_version", "check_memory", "class_presence", "memory_available", "resume_settings", "split_clients",
            "stopped_early", "train_federated", "training_record", "write_h5ad", "write_summary"]
 
 
@@ -56,15 +56,27 @@ def _key_mismatch(error: CheckpointError, config: TrainConfig) -> UserInputError
                         f"{found.group(1)}; pass the run's --key-file{more}")
 
 
-def split_clients(split, key_version: int) -> ClientSource:
-  """The training clients of a classification split (``{"x", "y"}`` each), stacked on demand: in a
-  multi-process run each process stacks only the clients its devices hold."""
+def class_presence(y: np.ndarray, n_classes: int, rows: int | None = None) -> np.ndarray:
+  """``[rows, n_classes]`` float32, every row 1 for the classes among one client's labels ``y`` and 0 for the
+  others: what FedRS's loss needs of the client (``--absent-class-scale``), carried beside each sample since
+  a client's data holds only per-sample arrays. ``rows``: its padded length (default ``len(y)``)."""
+  held = (np.bincount(np.asarray(y, np.int64), minlength=n_classes)[:n_classes] > 0).astype(np.float32)
+  return np.broadcast_to(held, (len(y) if rows is None else rows, n_classes)).copy()
+
+
+def split_clients(split, key_version: int, *, presence: bool = False) -> ClientSource:
+  """The training clients of a classification split (``{"x", "y"}`` each, and ``"held"`` from
+  ``class_presence`` with ``presence``), stacked on demand: in a multi-process run each process stacks only
+  the clients its devices hold."""
   sizes = split.client_sizes()
 
+  def client(k) -> dict:
+    y = split.train_y[split.train_client == k].astype(np.int32)
+    arrays = {"x": split.train_x[split.train_client == k].astype(np.float32), "y": y}
+    return dict(arrays, held=class_presence(y, split.n_classes)) if presence else arrays
+
   def stack(indices, pad_to: int) -> ClientData:
-    per_client = [{"x": split.train_x[split.train_client == k].astype(np.float32),
-                   "y": split.train_y[split.train_client == k].astype(np.int32)} for k in indices]
-    return stack_clients(per_client, key_version=key_version, pad_to=pad_to)
+    return stack_clients([client(k) for k in indices], key_version=key_version, pad_to=pad_to)
 
   return ClientSource(num_samples=np.asarray(sizes), stack=stack)
 
