@@ -131,14 +131,16 @@ def device_memory() -> dict[str, int] | None:
 
 
 def memory_analysis(compiled: jax.stages.Compiled) -> dict[str, int] | None:
-  """XLA's buffer sizes of a compiled function (``temp_size_in_bytes``: its scratch memory)."""
+  """XLA's buffer sizes of a compiled function (``temp_size_in_bytes``: its scratch memory;
+  ``peak_memory_in_bytes``, where this jaxlib reports it, its peak from XLA's buffer assignment)."""
   try:
     analysis = compiled.memory_analysis()
   except Exception:  # noqa: BLE001 - not every backend reports it
     return None
   if analysis is None:
     return None
-  names = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "generated_code_size_in_bytes")
+  names = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
+           "generated_code_size_in_bytes", "peak_memory_in_bytes")
   return {name: int(getattr(analysis, name)) for name in names if hasattr(analysis, name)}
 
 
