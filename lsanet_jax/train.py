@@ -152,6 +152,9 @@ def device_data(data: MedMNISTData, train_rows: np.ndarray, eval_batch_size: int
   }
 
 
+_DIVERGED_FIX = "lower --lr (or leave out --bf16) and start again in a new --workdir"
+
+
 def evaluate(predict, variables: dict, on_device: dict, split: str, task: str) -> dict:
   """{head: {acc, auc}} of variables on split ("val" or "test"), every head from one pass."""
   where = on_device["splits"][split]
@@ -160,8 +163,8 @@ def evaluate(predict, variables: dict, on_device: dict, split: str, task: str) -
   probs = {head: np.asarray(p)[:labels.shape[0]] for head, p in probs.items()}
   for head, p in probs.items():
     if not np.isfinite(p).all():
-      raise TrainingDiverged(f"the {head} head's {split} predictions are NaN or infinite (the model diverged); lower "
-                             "--lr (or leave out --bf16) and start again in a new --workdir")
+      raise TrainingDiverged(f"the {head} head's {split} predictions are NaN or infinite (the model diverged); "
+                             f"{_DIVERGED_FIX}")
   return {head: official_metrics.evaluate(labels, p, task) for head, p in probs.items()}
 
 
@@ -224,8 +227,8 @@ def run_epoch(config: TrainConfig, epoch: int, state, best: dict | None, *, trai
   state, train_metrics = train_epoch(state, *on_device["train"], epoch_key(config.seed, epoch))
   train_metrics = jax.device_get(train_metrics)  # waits for the epoch, so the two times below are apart
   if not math.isfinite(train_metrics["loss"]):
-    raise TrainingDiverged(f"training diverged in epoch {epoch} (train loss {float(train_metrics['loss'])}); lower "
-                           "--lr (or leave out --bf16) and start again in a new --workdir")
+    raise TrainingDiverged(f"training diverged in epoch {epoch} (train loss {float(train_metrics['loss'])}); "
+                           f"{_DIVERGED_FIX}")
   trained = time.perf_counter()
   val = None
   if validate:

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from runkit.disk import DiskWriteError, disk_error, disk_write_message, error_chain
+from runkit.disk import disk_errors_reported, error_chain
 from runkit.errors import CheckpointError
 from runkit.orbax_noise import (Noise, abandoned_reads_muted, failed_work_muted, install_noise_filters,
                                 orbax_logs_muted)
@@ -159,23 +159,19 @@ class Checkpointer:
   def _writing(self, step: int | None):
     """Turns a write of ``step`` that failed for want of space, quota or write access into one
     ``DiskWriteError``, after removing what it left of the step's folder (the space it holds)."""
-    try:
+    what = "the checkpoint" + (f" of {self._step_name} {step}" if step is not None else "s")
+    with disk_errors_reported(what, self.directory, resumable=lambda: bool(self._complete_steps()),
+                              on_failure=lambda: self._write_failed(step)):
       yield
-    except Exception as e:
-      code = disk_error(e)
-      if code is None:
-        raise
-      self._failed = True
-      failed_work_muted()
-      if step is not None:
-        self._remove_partial(step)
-      what = "the checkpoint" + (f" of {self._step_name} {step}" if step is not None else "s")
-      raise DiskWriteError(disk_write_message(code, what, self.directory,
-                                              resumable=bool(self._complete_steps()))) from e
 
-  def _remove_partial(self, step: int) -> None:
-    """Removes what a failed save of ``step`` left, once orbax's threads have stopped writing into it
-    (removed while one still wrote, under load, the folder came back with the files written after)."""
+  def _write_failed(self, step: int | None) -> None:
+    """After a failed write of ``step``: orbax's reports muted, and what the write left of the step's folder
+    removed once orbax's threads have stopped writing into it (removed while one still wrote, under load,
+    the folder came back with the files written after)."""
+    self._failed = True
+    failed_work_muted()
+    if step is None:
+      return
     with contextlib.suppress(Exception):  # the failure is already being reported
       self._manager.wait_until_finished()
     for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):

@@ -59,14 +59,17 @@ def disk_write_message(code: int, what: str, folder, *, resumable: bool) -> str:
 
 
 @contextlib.contextmanager
-def disk_errors_reported(what: str, folder, *, resumable):
+def disk_errors_reported(what: str, folder, *, resumable, on_failure=None):
   """Turns a write that fails for want of space, quota or write access into one ``DiskWriteError``;
   other errors pass unchanged. ``resumable``: a callable saying whether the run can then be resumed
-  (it holds a complete checkpoint), asked only on failure."""
+  (it holds a complete checkpoint), asked only on failure; ``on_failure``: a callable run first, before
+  ``resumable`` is asked (e.g. to remove what the failed write left)."""
   try:
     yield
   except Exception as e:
     code = disk_error(e)
     if code is None:
       raise
+    if on_failure is not None:
+      on_failure()
     raise DiskWriteError(disk_write_message(code, what, folder, resumable=resumable())) from e

@@ -26,8 +26,8 @@ from runkit.cli import has_checkpoint
 from runkit.errors import CheckpointError, UserInputError
 from runkit.metrics_log import write_json_atomic
 
-__all__ = ["check_key_version", "check_memory", "class_presence", "memory_available", "resume_settings", "split_clients",
-           "stopped_early", "train_federated", "training_record", "write_h5ad", "write_summary"]
+__all__ = ["check_key_version", "check_memory", "class_presence", "memory_available", "resume_settings",
+           "split_clients", "stopped_early", "train_federated", "training_record", "write_h5ad", "write_summary"]
 
 
 def check_key_version(config: TrainConfig, key: keylib.SecretKey) -> None:
