@@ -19,7 +19,9 @@ SCAFFOLD (``scaffold(...)``, or ``fedavg(..., control_variates=True)``; docs/des
 correction") adds control variates: a server variate ``c`` and one per client ``c_i``, stacked over all
 clients and indexed by client id. A sampled client trains with ``c - c_i`` added to its gradients, its
 ``c_i`` is replaced by the mean gradient of its local steps (gathered and scattered inside the round), and
-``c`` moves by the sum of the accepted clients' changes over the number of clients.
+``c`` moves by the sum of the accepted clients' changes over the number of clients. A deployment's state holds ``c``
+only (``init(..., client_controls=False)``): its sites keep their own ``c_i`` and send the change, whose sum
+``server_update`` applies as the round does.
 
 Two optional hooks make privacy mechanisms such as DP-FedAvg a training mode without a
 second engine: ``update_transform(delta, rng, context) -> delta`` runs on each client's
@@ -65,7 +67,7 @@ class ServerState(NamedTuple):
   # SCAFFOLD's control variates, None for the other algorithms: {"server": c, shaped like the parameters,
   # "clients": every client's c_i, each parameter leaf with a leading [num_clients] axis} (a dict, as
   # checkpoints store it). The clients' rows are the simulated clients' own state, carried here so that one
-  # jitted round can gather and scatter them; a deployment would keep each row at its site.
+  # jitted round can gather and scatter them; a deployment's state has no "clients": each site keeps its row.
   controls: Any = None
 
 
@@ -108,9 +110,10 @@ UpdateSums = _UpdateSums  # public name: what a deployment (infl_jax/flower) gat
 class FederatedAlgorithm(NamedTuple):
   init: Callable[..., ServerState]
   round: Callable[[ServerState, ClientData, Any], tuple[ServerState, dict]]
-  # (state, sums, num_sampled, context) -> (state, metrics): the round's last step on sums gathered elsewhere (a
-  # deployment's sites); the aggregation and server optimizer of ``round``, so both give the same server state.
-  server_update: Callable[[ServerState, _UpdateSums, int, Any], tuple[ServerState, dict]] | None = None
+  # (state, sums, num_sampled, context, num_clients=None) -> (state, metrics): the round's last step on sums
+  # gathered elsewhere (a deployment's sites); the aggregation and server optimizer of ``round``, so both give the
+  # same server state. SCAFFOLD needs ``sums.control_delta`` and the federation's ``num_clients``.
+  server_update: Callable[..., tuple[ServerState, dict]] | None = None
 
 
 def server_optimizer(name: str = "fedavg", learning_rate: float | None = None) -> optax.GradientTransformation:
@@ -189,18 +192,14 @@ def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
                     client_lr_schedule=client_lr_schedule, control_variates=control_variates)
   update_sums = functools.partial(_update_sums, spec)
 
-  def init(variables: PyTree, rng: jax.Array, *, key_version: int = 1, num_clients: int | None = None
-           ) -> ServerState:
+  def init(variables: PyTree, rng: jax.Array, *, key_version: int = 1, num_clients: int | None = None,
+           client_controls: bool = True) -> ServerState:
+    """``client_controls=False`` (SCAFFOLD in a deployment): the state holds the server's variate only, as each
+    site keeps its own; such a state serves ``server_update``, not ``round``."""
     variables = dict(variables)
     params = variables.pop("params")
     rng_data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
-    controls = None
-    if control_variates:
-      if num_clients is None or num_clients < 1:
-        raise ValueError(f"SCAFFOLD keeps a control variate per client: init(..., num_clients=C) needs the "
-                         f"number of clients, got {num_clients}")
-      controls = {"server": jax.tree_util.tree_map(jnp.zeros_like, params),
-                  "clients": jax.tree_util.tree_map(lambda p: jnp.zeros((num_clients,) + p.shape, p.dtype), params)}
+    controls = _initial_controls(params, num_clients, client_controls) if control_variates else None
     return ServerState(params=params, model_state=variables, opt_state=spec.server_opt.init(params),
                        round=jnp.int32(0), rng=jnp.asarray(rng_data, jnp.uint32),
                        key_version=jnp.int32(key_version), controls=controls)
@@ -222,13 +221,17 @@ def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
       sums = sharded_update_sums(update_sums, clients, sampled, state, keys, context)
     else:
       sums = update_sums(clients, sampled, sampled, jnp.ones(num_sampled, bool), state, keys, context)
-    return _server_update(spec, state, sums, num_sampled, keys, context, num_clients)
-
-  def server_update(state: ServerState, sums: _UpdateSums, num_sampled: int, context: Any = None):
+    client_controls = None
     if control_variates:
-      raise ValueError("SCAFFOLD's server step needs the clients' control variates, which a deployment does not "
-                       "gather yet; use it in the simulation")
-    return _server_update(spec, state, sums, num_sampled, round_keys(state), context)
+      sums, client_controls = sums
+    return _server_update(spec, state, sums, num_sampled, keys, context, num_clients, client_controls)
+
+  def server_update(state: ServerState, sums: _UpdateSums, num_sampled: int, context: Any = None,
+                    num_clients: int | None = None):
+    if control_variates and (sums.control_delta is None or num_clients is None or num_clients < 1):
+      raise ValueError("SCAFFOLD's server step moves c by the clients' summed control change over the number of "
+                       "clients: pass sums.control_delta and num_clients")
+    return _server_update(spec, state, sums, num_sampled, round_keys(state), context, num_clients)
 
   return FederatedAlgorithm(init=init, round=round_fn, server_update=server_update)
 
@@ -239,10 +242,21 @@ def scaffold(task: Task, client_optimizer: optax.GradientTransformation, **fedav
   return fedavg(task, client_optimizer, control_variates=True, **fedavg_kwargs)
 
 
+def _initial_controls(params: PyTree, num_clients: int | None, client_controls: bool) -> dict:
+  """SCAFFOLD's variates at zero: the server's, and unless a deployment's sites keep them, every client's."""
+  controls = {"server": jax.tree_util.tree_map(jnp.zeros_like, params)}
+  if client_controls:
+    if num_clients is None or num_clients < 1:
+      raise ValueError(f"SCAFFOLD keeps a control variate per client: init(..., num_clients=C) needs the "
+                       f"number of clients, got {num_clients}")
+    controls["clients"] = jax.tree_util.tree_map(lambda p: jnp.zeros((num_clients,) + p.shape, p.dtype), params)
+  return controls
+
+
 def _check_controls(state: ServerState, num_clients: int) -> None:
-  if state.controls is None:
-    raise ValueError("SCAFFOLD's round needs a state from its own init(..., num_clients=C); this one has no "
-                     "control variates")
+  if state.controls is None or "clients" not in state.controls:
+    held = "no control variates" if state.controls is None else "the server's control variate only (a deployment's)"
+    raise ValueError(f"SCAFFOLD's round needs a state from its own init(..., num_clients=C); this one has {held}")
   held = jax.tree_util.tree_leaves(state.controls["clients"])[0].shape[0]
   if held != num_clients:
     raise ValueError(f"the state holds control variates for {held} clients but the round was given "
@@ -328,19 +342,20 @@ def _update_sums(spec: _RoundSpec, clients: ClientData, rows: jax.Array, ids: ja
   return (sums, client_controls) if spec.control_variates else sums
 
 
-def _server_update(spec: _RoundSpec, state: ServerState, sums, num_sampled: int, keys: RoundKeys,
-                   context: Any, num_clients: int | None = None):
+def _server_update(spec: _RoundSpec, state: ServerState, sums: _UpdateSums, num_sampled: int, keys: RoundKeys,
+                   context: Any, num_clients: int | None = None, client_controls: PyTree = None):
   """The weighted mean update through the server optimizer; a round with no accepted update keeps the state.
 
-  SCAFFOLD's ``sums`` come with the clients' updated variates, ``(sums, client_controls)``; the server variate
-  moves by the accepted clients' summed change over all ``num_clients`` clients (the paper's ``|S|/N`` times
-  the sample mean)."""
+  SCAFFOLD: the server variate moves by the accepted clients' summed change over all ``num_clients`` clients (the
+  paper's ``|S|/N`` times the sample mean); the simulated round passes the clients' updated variates too
+  (``client_controls``), a deployment's sites keep theirs."""
   controls = state.controls
   if spec.control_variates:
-    sums, client_controls = sums
     server_control = jax.tree_util.tree_map(lambda c, d: c + d / num_clients, controls["server"],
                                             sums.control_delta)
-    controls = {"server": server_control, "clients": client_controls}
+    controls = {**controls, "server": server_control}
+    if client_controls is not None:
+      controls["clients"] = client_controls
   any_accepted = sums.weight > 0
   safe_total = jnp.where(any_accepted, sums.weight, 1.0)
   mean_delta = jax.tree_util.tree_map(lambda s: s / safe_total, sums.delta)

@@ -353,7 +353,8 @@ def _local_main(argv: Sequence[str] | None) -> None:
                           "SuperLink and one SuperNode per site on 127.0.0.1, then the run.")
   parser.add_argument("--site", action="append", required=True, metavar="NODE_CONFIG",
                       help="one site's node config, e.g. 'data=\"proteomics\" partition-id=0 key-file=\"k0.json\"' "
-                      "(repeat per site)")
+                      "(repeat per site; with --run-config drift-correction=scaffold add state-dir=\"FOLDER\", where "
+                      "the site keeps its control variate)")
   parser.add_argument("--run-config", nargs="*", default=[], metavar="KEY=VALUE")
   parser.add_argument("--logdir", required=True, help="folder for the processes' logs")
   args = parser.parse_args(argv)

@@ -20,11 +20,12 @@ import numpy as np
 from infl_jax import keys as keylib
 from infl_jax.key_scheme import input_scrambler
 
-__all__ = ["KeyAudit", "key_patterns", "message_blobs", "to_array_record", "from_array_record", "flat_leaves",
-           "unflatten_leaves", "write_patterns"]
+__all__ = ["KeyAudit", "key_patterns", "leaf_names", "message_blobs", "to_array_record", "from_array_record",
+           "flat_leaves", "unflatten_leaves", "write_patterns"]
 
 
-def _names(tree) -> list[str]:
+def leaf_names(tree) -> list[str]:
+  """Each leaf's tree path, in leaf order: how a pytree's arrays are named in a record or a file."""
   return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
@@ -51,11 +52,11 @@ def to_array_record(tree, prefix: str = ""):
   from flwr.app import Array, ArrayRecord
 
   return ArrayRecord(array_dict={prefix + n: Array(np.ascontiguousarray(x))
-                                 for n, x in zip(_names(tree), flat_leaves(tree))})
+                                 for n, x in zip(leaf_names(tree), flat_leaves(tree))})
 
 
 def from_array_record(record, template, prefix: str = ""):
-  names = _names(template)
+  names = leaf_names(template)
   missing = [n for n in names if prefix + n not in record]
   if missing:
     raise ValueError(f"the record lacks {len(missing)} array(s), e.g. {missing[0]!r}")

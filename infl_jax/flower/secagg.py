@@ -12,6 +12,11 @@ variances grow to thousands in a round) and its loss; its weight n_k (0 for a st
 key version, so a stale update adds nothing). SecAgg+ clips and quantises (``secagg-clipping-range``,
 ``secagg-quantization-range``), so the mean differs from the plain round's by at most a few quantisation steps
 (docs/design.md, "Deploying on Flower").
+
+SCAFFOLD: the FitIns parameters carry the server's control variate after the global variables, and each site's
+change of its own variate rides in the same masked vector (after the loss), divided there by the site's weight so
+that the unmasked result is the plain sum over the sites times ``secagg-control-scale``: the server learns the sum
+the engine's ``server_update`` needs, never one site's change.
 """
 
 from __future__ import annotations
@@ -86,26 +91,33 @@ class SecAggRounds:
     self.workflow = SecAggPlusWorkflow(num_shares=n, reconstruction_threshold=max(2, n - 1), max_weight=total,
                                        clipping_range=run.clipping_range, quantization_range=run.quantization_range)
     self.state_scale = float(run.state_scale)
+    # What a SCAFFOLD site needs to put its control change into the vector (client_app._control_vector).
+    self.control_settings = {"control-scale": float(run.control_scale), "clipping-range": float(run.clipping_range),
+                             "max-weight": total}
     self._update = jax.jit(self._server_update, static_argnames=("num_sampled",))
 
-  def _server_update(self, state, mean_delta, mean_state_delta, mean_loss, weight, num_accepted, num_sampled):
+  def _server_update(self, state, mean_delta, mean_state_delta, mean_loss, weight, num_accepted, control_delta,
+                     num_sampled):
     # server_update divides the sums by their weight: give it the mean times the weight.
     scale = lambda tree: jax.tree_util.tree_map(lambda m: m * weight, tree)
     model_state = jax.tree_util.tree_map(lambda s, d: s + d, state.model_state, mean_state_delta)
     sums = UpdateSums(delta=scale(mean_delta), model_state=scale(model_state), loss=mean_loss * weight,
-                      weight=weight, num_accepted=num_accepted)
-    return self.algo.server_update(state, sums, num_sampled, None)
+                      weight=weight, num_accepted=num_accepted, control_delta=control_delta)
+    return self.algo.server_update(state, sums, num_sampled, None, num_clients=self.sites.num_clients)
 
-  def run(self, state: ServerState, sampled: np.ndarray):
+  def run(self, state: ServerState, sampled: np.ndarray, control_config: dict):
+    """One SecAgg+ round; ``control_config``: SCAFFOLD's run name and resume round for the sites ({} else)."""
     keys = round_keys(state)
-    leaves = records.flat_leaves(state.params) + records.flat_leaves(state.model_state)
-    parameters = ndarrays_to_parameters(leaves)
+    variables = records.flat_leaves(state.params) + records.flat_leaves(state.model_state)
+    controls = [] if state.controls is None else records.flat_leaves(state.controls["server"])
+    parameters = ndarrays_to_parameters(variables + controls)
+    train_config = {"round": int(state.round), "key-version": int(state.key_version), "state-scale": self.state_scale,
+                    **control_config, **(self.control_settings if controls else {})}
     self.strategy.instructions = {}
     for cid in sampled:
       rng = np.asarray(jax.random.key_data(jax.random.fold_in(keys.train, int(cid))), np.uint32)
-      self.strategy.instructions[self.sites.node(int(cid))] = FitIns(
-          parameters, {"round": int(state.round), "rng": rng.tobytes(), "key-version": int(state.key_version),
-                       "state-scale": self.state_scale})
+      self.strategy.instructions[self.sites.node(int(cid))] = FitIns(parameters, {**train_config,
+                                                                                  "rng": rng.tobytes()})
     self.strategy.mean = None
     self.context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
         {WorkflowKey.CURRENT_ROUND: int(state.round) + 1})
@@ -119,10 +131,16 @@ class SecAggRounds:
     if weight is None:
       raise RuntimeError("SecAgg+ weights by n_k; run it with weighting=samples")
     mean = [jnp.asarray(a, jnp.float32) for a in self.strategy.mean]
-    n_params = len(leaves) - len(jax.tree_util.tree_leaves(state.model_state))
-    n_state = len(leaves) - n_params
+    n_params = len(jax.tree_util.tree_leaves(state.params))
+    n_variables = len(variables)
     mean_delta = records.unflatten_leaves(state.params, mean[:n_params])
     mean_state_delta = records.unflatten_leaves(
-        state.model_state, [m / self.state_scale for m in mean[n_params:n_params + n_state]])
-    return self._update(state, mean_delta, mean_state_delta, mean[-1][0], jnp.float32(weight),
-                        jnp.int32(len(accepted)), num_sampled=len(sampled))
+        state.model_state, [m / self.state_scale for m in mean[n_params:n_variables]])
+    control_delta = None
+    if controls:
+      # The unmasked part is sum_k w_k x_k / sum_k w_k with w_k = n_k / max-weight and x_k a site's change times
+      # the control scale over w_k: times sum_k w_k (the accepted sites' weight over max-weight), over the scale.
+      factor = weight / (self.control_settings["max-weight"] * self.control_settings["control-scale"])
+      control_delta = records.unflatten_leaves(state.params, [m * factor for m in mean[n_variables + 1:]])
+    return self._update(state, mean_delta, mean_state_delta, mean[n_variables][0], jnp.float32(weight),
+                        jnp.int32(len(accepted)), control_delta, num_sampled=len(sampled))

@@ -5,8 +5,11 @@ sampled site gets the global variables, the round number and its own training ke
 (run randomness, not secret); the replies (update, n_k, key version) are summed with the engine's weights
 (n_k, 0 for a stale key version) and applied with the engine's ``server_update``. Checkpoints are
 ``runkit.checkpoint``'s (orbax); a run whose workdir holds one resumes from it. With ``secagg``, the sums come
-from Flower's SecAgg+ (``secagg.py``). Every reply passes through the key audit (``records.KeyAudit``) before
-the server reads it; ``audit.json`` records what it saw. Evaluation happens at the sites, with their keys.
+from Flower's SecAgg+ (``secagg.py``). With SCAFFOLD the server's state holds its control variate ``c`` (each site
+keeps its own ``c_i``): ``c`` goes out with the global variables, the sum of the sites' changes comes back with
+their updates and moves ``c`` in the engine's ``server_update``. Every reply passes through the key audit
+(``records.KeyAudit``) before the server reads it; ``audit.json`` records what it saw. Evaluation happens at the
+sites, with their keys.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import uuid
 
 import jax
 import jax.numpy as jnp
@@ -103,34 +107,42 @@ class _Sites:
     return self.facts[client_id]["node"]
 
 
-def _aggregate_program(algo, weighting: str):
+def _aggregate_program(algo, weighting: str, num_clients: int | None = None):
   """The engine's sums over the replies (same weights, same ``weighted_sum`` over the stacked updates in client
-  order, added to zeros as the engine's scan adds its one chunk) and its ``server_update``."""
+  order, added to zeros as the engine's scan adds its one chunk) and its ``server_update``. SCAFFOLD's control
+  changes (``control_deltas``) are summed over the accepted sites, unweighted, as the engine sums them."""
 
-  def step(state, deltas, model_states, losses, num_samples, versions):
+  def step(state, deltas, model_states, losses, num_samples, versions, control_deltas=None):
     n_k = num_samples.astype(jnp.float32)
     base = n_k if weighting == "samples" else jnp.ones_like(n_k)
     accepted = versions == state.key_version
     w = jnp.where(accepted, base, 0.0)
     zeros = lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree)
     add = lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)
+    control_delta = None
+    if control_deltas is not None:
+      control_delta = add(zeros(state.params), weighted_sum(control_deltas, accepted.astype(jnp.float32)))
     sums = UpdateSums(delta=add(zeros(state.params), weighted_sum(deltas, w)),
                       model_state=add(zeros(state.model_state), weighted_sum(model_states, w)),
                       loss=jnp.float32(0.0) + jnp.dot(w, losses), weight=jnp.sum(w),
-                      num_accepted=jnp.sum(accepted).astype(jnp.int32))
-    return algo.server_update(state, sums, int(losses.shape[0]), None)
+                      num_accepted=jnp.sum(accepted).astype(jnp.int32), control_delta=control_delta)
+    return algo.server_update(state, sums, int(losses.shape[0]), None, num_clients=num_clients)
 
   return jax.jit(step)
 
 
-def _plain_round(grid, sites: _Sites, state: ServerState, sampled: np.ndarray, step):
+def _plain_round(grid, sites: _Sites, state: ServerState, sampled: np.ndarray, step, control_config: dict):
+  """One round without SecAgg+; ``control_config``: SCAFFOLD's run name and resume round for the sites ({} else)."""
   keys = round_keys(state)
   variables = _variables_record(state)
+  train_config = {"round": int(state.round), "key-version": int(state.key_version), **control_config}
   messages = []
   for cid in sampled:
     rng = np.asarray(jax.random.key_data(jax.random.fold_in(keys.train, int(cid))), np.uint32)
     content = RecordDict({"params": variables, "rng": ArrayRecord(array_dict={"rng": Array(rng)}),
-                          "train": ConfigRecord({"round": int(state.round)})})
+                          "train": ConfigRecord(train_config)})
+    if state.controls is not None:  # SCAFFOLD: the server's variate c, an average over the sites and no secret
+      content.array_records["control"] = records.to_array_record(state.controls["server"], "control")
     messages.append(Message(content, dst_node_id=sites.node(int(cid)), message_type="train"))
   by_client = {}
   for reply in _replies(grid, messages, f"round {int(state.round) + 1}"):
@@ -141,8 +153,12 @@ def _plain_round(grid, sites: _Sites, state: ServerState, sampled: np.ndarray, s
   states = [records.from_array_record(r.content.array_records["update"], state.model_state, "state") for r in ordered]
   stack = lambda trees: jax.tree_util.tree_map(lambda *xs: jnp.asarray(np.stack(xs)), *trees)
   metric = lambda name, dtype: jnp.asarray([r.content.metric_records["train"][name] for r in ordered], dtype)
+  control_deltas = None
+  if state.controls is not None:
+    control_deltas = stack([records.from_array_record(r.content.array_records["control-delta"], state.params,
+                                                      "control-delta") for r in ordered])
   return step(state, stack(deltas), stack(states), metric("loss", jnp.float32), metric("num-samples", jnp.int32),
-              metric("key-version", jnp.int32))
+              metric("key-version", jnp.int32), control_deltas)
 
 
 def _evaluate(grid, sites: _Sites, state: ServerState) -> dict:
@@ -181,7 +197,9 @@ def _train(grid, run: FlowerRun, config, context: Context) -> None:
   model = cls.create_model(config, sites.n_classes)
   algo = algorithm_from_config(config, cls.classification_task(model))
   init_rng, server_rng, _ = jax.random.split(jax.random.key(config.seed), 3)  # as classification.run splits it
-  state = algo.init(cls.init_variables(model, sites.n_features, init_rng), server_rng, key_version=config.key_version)
+  # SCAFFOLD: the state holds the server's control variate only; each site keeps its own.
+  state = algo.init(cls.init_variables(model, sites.n_features, init_rng), server_rng, key_version=config.key_version,
+                    client_controls=False)
 
   fingerprint, defaults = resume_settings(dataclasses.replace(config, key_fingerprint=None))
   fingerprint.update({"deployment": "flower", "secagg": run.secagg, "sites": sites.num_clients})
@@ -189,10 +207,13 @@ def _train(grid, run: FlowerRun, config, context: Context) -> None:
                               keep=run.keep_checkpoints, config=fingerprint, config_defaults=defaults)
   history: list[dict] = []
   resumed_from = None
+  # The sites file their control variates under this name: a resumed run finds its own, a new run starts afresh.
+  control_run = uuid.uuid4().hex
   if checkpointer.latest_step() is not None:
     restored, extra = checkpointer.restore({"state": state._asdict()})
     state = ServerState(**restored["state"])
     history = extra.get("history", [])
+    control_run = extra.get("control-run", control_run)
     resumed_from = int(state.round)
     log.info("resumed from round %d", resumed_from)
   # On resume metrics.jsonl keeps the rounds up to the checkpoint's: a server killed after a later round's line
@@ -202,22 +223,26 @@ def _train(grid, run: FlowerRun, config, context: Context) -> None:
   if run.secagg:
     from infl_jax.flower.secagg import SecAggRounds
     rounds = SecAggRounds(grid, sites, algo, config, run, context)
-    round_fn = lambda s, sampled: rounds.run(s, sampled)
+    round_fn = rounds.run
   else:
-    step = _aggregate_program(algo, config.weighting)
-    round_fn = lambda s, sampled: _plain_round(grid, sites, s, sampled, step)
+    step = _aggregate_program(algo, config.weighting, sites.num_clients)
+    round_fn = lambda s, sampled, control_config: _plain_round(grid, sites, s, sampled, step, control_config)
 
   try:
     while int(state.round) < config.rounds:
       t0 = time.perf_counter()
       sampled = sampled_clients(state, sites.num_clients, config.client_fraction)
-      state, metrics = round_fn(state, sampled)
+      control_config = {}
+      if state.controls is not None:
+        # A restart resumes from the newest checkpoint: the sites keep the variates a repeat from there needs.
+        control_config = {"control-run": control_run, "resume-round": int(checkpointer.latest_step() or 0)}
+      state, metrics = round_fn(state, sampled, control_config)
       done = int(state.round)
       row = {"round": done, **{k: float(v) for k, v in jax.device_get(metrics).items()},
              "seconds": time.perf_counter() - t0}
       history.append(row)
       stop = run.stop_after_round > 0 and done >= run.stop_after_round
-      checkpointer.save(done, {"state": state._asdict()}, extra={"history": history},
+      checkpointer.save(done, {"state": state._asdict()}, extra={"history": history, "control-run": control_run},
                         force=(done == config.rounds or stop))
       metrics_log.write(done, row)
       if stop:

@@ -4,6 +4,9 @@ A site loads its data as the simulation's client of the same id holds it: a buil
 shares exactly as the simulation splits it, scrambled with the site's key under ``hardened``, and padded to the
 largest share (every client of a vmapped round is padded to the largest, and a step's minibatch shape fixes its
 dropout bits; docs/design.md, "Deploying on Flower"). An .h5ad site is one client of its own file.
+
+With SCAFFOLD a site keeps its control variate ``c_i`` in its own state folder (``SiteControls``), trains with the
+simulation's ``corrected_client_update`` and tells the server only the change of ``c_i``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import warnings
 from typing import Any, NamedTuple
 
@@ -22,8 +26,10 @@ import numpy as np
 
 from infl_jax import keys as keylib
 from infl_jax.config import TrainConfig
-from infl_jax.federated import client_optimizer_from_config, client_update, cosine_round_schedule
+from infl_jax.federated import (client_optimizer_from_config, client_update, corrected_client_update,
+                                cosine_round_schedule)
 from infl_jax.federated.local import LocalConfig
+from infl_jax.flower.records import flat_leaves, leaf_names, unflatten_leaves
 from infl_jax.flower.settings import SiteSpec, site_config
 from infl_jax.key_scheme import client_view
 from infl_jax.tasks import classification as cls
@@ -31,7 +37,7 @@ from infl_jax.tasks.common import class_presence
 from runkit.errors import UserInputError
 from runkit.xla import LOOP, compiler_options
 
-__all__ = ["Site", "SiteData", "load_site_data"]
+__all__ = ["Site", "SiteControls", "SiteData", "load_site_data"]
 
 
 class SiteData(NamedTuple):
@@ -68,6 +74,15 @@ def _prepare(config: TrainConfig, spec: SiteSpec, key: keylib.SecretKey) -> dict
           "classes_digest": np.asarray(_digest(raw.class_names))}
 
 
+def _save_private(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
+  """``arrays`` as an .npz only the site's user can read, whole or not at all (a temporary file, then renamed)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(f".{os.getpid()}.tmp")
+  with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+    np.savez(f, **arrays)
+  os.replace(tmp, path)
+
+
 def load_site_data(config: TrainConfig, spec: SiteSpec, key: keylib.SecretKey) -> SiteData:
   """The site's arrays; with a cache folder, prepared once and read back by the later messages of a run (Flower
   starts a fresh ClientApp process per message). The cache is the site's own: its mode is 0o600, like the key's."""
@@ -85,11 +100,7 @@ def load_site_data(config: TrainConfig, spec: SiteSpec, key: keylib.SecretKey) -
   if arrays is None:
     arrays = _prepare(config, spec, key)
     if path is not None:
-      path.parent.mkdir(parents=True, exist_ok=True)
-      tmp = path.with_suffix(f".{os.getpid()}.tmp")
-      with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-        np.savez(f, **arrays)
-      os.replace(tmp, path)
+      _save_private(path, arrays)
   return SiteData(client_id=spec.partition_id, x=arrays["x"], y=arrays["y"], num_samples=int(arrays["num_samples"]),
                   val_x=arrays["val_x"], val_y=arrays["val_y"], test_x=arrays["test_x"], test_y=arrays["test_y"],
                   n_classes=int(arrays["n_classes"]), features_digest=str(arrays["features_digest"]),
@@ -107,21 +118,70 @@ def load_site_key(spec: SiteSpec, config: TrainConfig) -> keylib.SecretKey:
   return key
 
 
+class SiteControls:
+  """A site's SCAFFOLD control variate ``c_i``, kept on the site's own disk and nowhere else (docs/design.md, "Drift
+  correction"): one private file per round the site trained in, under ``<state-dir>/scaffold-<run>/``.
+
+  Versions by round make a restarted server's repeated rounds exact: a server resumed from its checkpoint at round
+  s repeats rounds the sites may have trained already, and each must start from ``c_i`` as it stood then. ``run``
+  is the server's name for the run (kept in its checkpoint), so another run at this site starts from zeros.
+  """
+
+  def __init__(self, state_dir: pathlib.Path, run: str):
+    if not re.fullmatch(r"[0-9a-f]{8,64}", run):
+      raise UserInputError(f"the server named its run {run!r}; a site expects a hex name for its state folder")
+    self.folder = state_dir / f"scaffold-{run}"
+
+  def _versions(self) -> dict[int, pathlib.Path]:
+    found = self.folder.glob("round-*.npz") if self.folder.is_dir() else []
+    return {int(p.stem.split("-")[1]): p for p in found if p.stem.split("-")[1].isdigit()}
+
+  def load(self, round_: int, template):
+    """``c_i`` as round ``round_`` (0-based) starts with it: the newest version of an earlier round; zeros before
+    the site's first."""
+    versions = self._versions()
+    earlier = [r for r in versions if r < round_]
+    if not earlier:
+      return jax.tree_util.tree_map(lambda t: np.zeros(np.shape(t), t.dtype), template)
+    with np.load(versions[max(earlier)]) as f:
+      return unflatten_leaves(template, [f[name] for name in leaf_names(template)])
+
+  def store(self, round_: int, control, resume_round: int) -> None:
+    """Writes ``c_i`` after round ``round_`` and drops what no server can ask for again: versions of later rounds
+    (a restarted server's lost ones, which it repeats) and those older than what round ``resume_round`` (the
+    server's newest checkpoint, where a restart would resume) loads."""
+    _save_private(self.folder / f"round-{round_:08d}.npz", dict(zip(leaf_names(control), flat_leaves(control))))
+    versions = self._versions()
+    needed_from = max((r for r in versions if r < min(resume_round, round_)), default=0)
+    for r, path in versions.items():
+      if r < needed_from or r > round_:
+        path.unlink(missing_ok=True)
+
+
 @functools.cache
 def _local_program(config: TrainConfig, n_classes: int):
-  """The site's local update, compiled once per process: ``client_update`` as the simulation's round calls it."""
+  """The site's local update, compiled once per process: ``client_update`` as the simulation's round calls it, or
+  with SCAFFOLD's ``controls = (c, c_i)`` its ``corrected_client_update``, which also returns ``c_i+ - c_i``."""
   model = cls.create_model(config, n_classes)
   task = cls.classification_task(model, absent_class_scale=config.absent_class_scale)
   optimizer = client_optimizer_from_config(config)
   local = LocalConfig(local_epochs=config.local_epochs, batch_size=config.batch_size, prox_mu=config.prox_mu)
   schedule = cosine_round_schedule(config.rounds) if config.lr_schedule == "cosine" else None
 
-  def update(params, model_state, data, num_samples, rng_data, round_, coords):
+  def update(params, model_state, data, num_samples, rng_data, round_, coords, controls=None):
     lr_factor = 1.0 if schedule is None else schedule(round_)
-    params_k, model_state_k, loss = client_update(task, optimizer, local, params, model_state, data, num_samples,
-                                                  jax.random.wrap_key_data(rng_data), coords, lr_factor=lr_factor)
+    args = (task, optimizer, local, params, model_state, data, num_samples, jax.random.wrap_key_data(rng_data),
+            coords)
+    control_delta = None
+    if controls is None:
+      params_k, model_state_k, loss = client_update(*args, lr_factor=lr_factor)
+    else:
+      server_control, own = controls
+      correction = jax.tree_util.tree_map(jnp.subtract, server_control, own)
+      params_k, model_state_k, loss, new_control = corrected_client_update(*args, correction, lr_factor=lr_factor)
+      control_delta = jax.tree_util.tree_map(jnp.subtract, new_control, own)
     delta = jax.tree_util.tree_map(lambda p, g: p - g, params_k, params)
-    return delta, model_state_k, loss
+    return delta, model_state_k, loss, control_delta
 
   return model, jax.jit(update, compiler_options=compiler_options(LOOP))
 
@@ -132,6 +192,9 @@ class Site:
   def __init__(self, config: TrainConfig, spec: SiteSpec):
     self.config = config
     self.spec = spec
+    if config.drift_correction == "scaffold" and spec.state_dir is None:
+      raise UserInputError("run config drift-correction=scaffold keeps each site's control variate on its own disk: "
+                           "give the site a folder, --node-config '... state-dir=\"site-state\"'")
     self.key = load_site_key(spec, config)
     self.data = load_site_data(config, spec, self.key)
     self.model, self._update = _local_program(config, self.data.n_classes)
@@ -143,15 +206,33 @@ class Site:
             "n-classes": d.n_classes, "features-digest": d.features_digest, "classes-digest": d.classes_digest,
             "key-version": self.key.version}
 
-  def train(self, params, model_state, rng_data: np.ndarray, round_: int):
-    """(delta, model_state_k, loss) of one round's local training from the global ``params``."""
+  def train(self, params, model_state, rng_data: np.ndarray, round_: int, controls=None):
+    """(delta, model_state_k, loss, control_delta) of one round's local training from the global ``params``;
+    ``control_delta`` (``c_i+ - c_i``) is None unless ``controls`` is SCAFFOLD's ``(c, c_i)``."""
     data = {"x": jnp.asarray(self.data.x), "y": jnp.asarray(self.data.y)}
     if self.config.absent_class_scale != 1.0:  # FedRS: the classes this site holds (padding rows excluded)
       data["held"] = jnp.asarray(class_presence(self.data.y[:self.data.num_samples], self.data.n_classes,
                                                 rows=len(self.data.y)))
     out = self._update(params, model_state, data, jnp.int32(self.data.num_samples), jnp.asarray(rng_data, jnp.uint32),
-                       jnp.int32(round_), jnp.asarray(self.key.coords))
+                       jnp.int32(round_), jnp.asarray(self.key.coords), controls)
     return jax.device_get(out)
+
+  def train_corrected(self, params, model_state, rng_data: np.ndarray, round_: int, server_control, *, run: str,
+                      resume_round: int, key_version: int):
+    """SCAFFOLD's local training: loads ``c_i`` from the site's disk (zeros the first time), trains with ``c -
+    c_i`` and stores ``c_i+``; returns ``train``'s four values, ``c_i+ - c_i`` the only trace of ``c_i`` that leaves.
+
+    A site whose key version is not the server's trains as the simulation's rejected client does, and as there
+    its variate stays and its change counts as zero."""
+    store = SiteControls(self.spec.state_dir, run)
+    own = store.load(round_, server_control)
+    delta, model_state_k, loss, control_delta = self.train(params, model_state, rng_data, round_,
+                                                           (server_control, own))
+    if self.key.version != key_version:
+      return delta, model_state_k, loss, jax.tree_util.tree_map(np.zeros_like, control_delta)
+    # Stored as c_i + (c_i+ - c_i), the simulation's own sum, so the next round starts from its c_i to the bit.
+    store.store(round_, jax.tree_util.tree_map(np.add, own, control_delta), resume_round)
+    return delta, model_state_k, loss, control_delta
 
   def evaluate(self, variables) -> dict[str, float]:
     """The global model on the site's validation and test sets, run with the site's key (its view of the inputs)."""
