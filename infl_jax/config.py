@@ -65,6 +65,8 @@ PRESETS["perturbation_sim"] = dict(task="perturbation", embed_dim=32, key_streng
 GENERIC = dict(model="mlp", hidden=(256, 128), key_strength=20.0, n_clients=None, rounds=50, local_epochs=1,
                batch_size=64, learning_rate=1e-3, weight_decay=1e-4, dropout=0.2, **_SKEW_ROBUST, **_HARDENED)
 GENERIC_N_CLIENTS = 5
+# The label-built patient sites stand for a user's own .h5ad, so they train with what such a file gets.
+PRESETS["pbmc_patients"] = dict(GENERIC)
 
 _PRESET = "the data set's preset"
 
@@ -74,8 +76,8 @@ class TrainConfig:
   # data
   task: str = option("classification", "what to learn; see docs/tasks.md", group="data",
                      default_help="the data set's preset, else classification")
-  dataset: str = option("proteomics", "built-in data set (proteomics, pbmc, pbmc_sites, pbmc_panels, nutrimouse, "
-                        "spatial, perturbation_sim) or a path to an .h5ad file", group="data")
+  dataset: str = option("proteomics", "built-in data set (proteomics, pbmc, pbmc_sites, pbmc_panels, pbmc_patients, "
+                        "nutrimouse, spatial, perturbation_sim) or a path to an .h5ad file", group="data")
   label_key: str | None = option(None, "obs column holding the class label", group="data",
                                  default_help="the built-in's label")
   client_key: str | None = option(None, "obs column whose values are the clients (site, plate, patient)",
@@ -84,10 +86,12 @@ class TrainConfig:
                                  default_help=f"the data set's preset; one per --client-key value; else "
                                  f"{GENERIC_N_CLIENTS}")
   partition: str | None = option(None, "how samples go to clients: by --client-key, IID, Dirichlet label skew "
-                                 "(--alpha) or --classes-per-client classes each", group="data",
-                                 choices=("column", "iid", "dirichlet", "label-skew"),
+                                 "(--alpha; dirichlet-balanced: equal sizes, for many clients) or "
+                                 "--classes-per-client classes each", group="data",
+                                 choices=("column", "iid", "dirichlet", "dirichlet-balanced", "label-skew"),
                                  default_help="the data set's preset; column with --client-key, else iid")
-  alpha: float = option(0.5, "Dirichlet concentration for --partition dirichlet", group="data", above=0)
+  alpha: float = option(0.5, "Dirichlet concentration for --partition dirichlet and dirichlet-balanced", group="data",
+                        above=0)
   classes_per_client: int = option(2, "classes each client holds with --partition label-skew (every class goes "
                                    "to at least one client)", group="data", minimum=1)
   n_top_features: int | None = option(None, "keep the most variable features (fitted on training data)",
@@ -143,7 +147,11 @@ class TrainConfig:
   key_fingerprint: str | None = option(None, "fingerprint of the run's key (SecretKey.fingerprint), set from the key "
                                        "itself: a resumed run must use the same key", group="key", cli=False)
   # federated
-  rounds: int = option(50, "federated rounds", group="federated", resume=False, minimum=1, default_help=_PRESET)
+  rounds: int = option(50, "federated rounds", group="federated", resume=False, minimum=1,
+                       default_help="the data set's preset; twice that where --drift-correction auto chooses SCAFFOLD")
+  rounds_from_preset: bool = option(False, "rounds came from the preset, not the user (set by for_dataset): "
+                                    "--drift-correction auto may then lengthen a label-skewed run",
+                                    group="federated", resume=False, cli=False)
   local_epochs: int = option(1, "local epochs per round", group="federated", minimum=1, default_help=_PRESET)
   batch_size: int = option(64, "local batch size", group="federated", minimum=1, default_help=_PRESET)
   lr_schedule: str = option("constant", "client step size over rounds: constant, or cosine decay to 0 at "
@@ -207,6 +215,7 @@ class TrainConfig:
     """The preset of a built-in data set (or generic defaults), then ``overrides`` that are not None."""
     values = dict(PRESETS.get(dataset, GENERIC))
     values.update({k: v for k, v in overrides.items() if v is not None})
+    values.setdefault("rounds_from_preset", overrides.get("rounds") is None)
     values["dataset"] = dataset
     if "hidden" in values:
       values["hidden"] = tuple(values["hidden"])

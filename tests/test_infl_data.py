@@ -60,6 +60,7 @@ def test_stratified_holdout_smallest_possible_class_keeps_one_per_split():
 @pytest.mark.parametrize("make", [
     lambda y: data.partition_iid(y, 7, rng=3),
     lambda y: data.partition_dirichlet(y, 7, 0.3, rng=3),
+    lambda y: data.partition_dirichlet_balanced(y, 7, 0.3, rng=3),
     lambda y: data.partition_by_column(np.array(["a", "b", "c"])[np.arange(len(y)) % 3], 7, rng=3, y=y)[0],
 ])
 def test_every_sample_in_exactly_one_client(make):
@@ -88,6 +89,21 @@ def test_dirichlet_is_deterministic_per_seed_and_skewed():
   iid_counts = np.zeros((5, 10), int)
   np.add.at(iid_counts, (data.partition_iid(y, 5, rng=7), y), 1)
   assert (iid_counts.max(axis=0) / iid_counts.sum(axis=0)).mean() < 0.4
+
+
+def test_balanced_dirichlet_fills_hundreds_of_equal_clients_with_few_classes():
+  # The per-class scheme cannot give 100 clients samples of 455 (most shares of each class round to nothing);
+  # the balanced one gives each 4 or 5, from its own few classes.
+  y = np.repeat(np.arange(10), [156, 84, 62, 44, 35, 28, 20, 12, 9, 5])
+  with pytest.raises(data.DataError, match="--alpha"):
+    data.partition_dirichlet(y, 100, 0.1, rng=0, max_tries=20)
+  client = data.partition_dirichlet_balanced(y, 100, 0.1, rng=0)
+  np.testing.assert_array_equal(client, data.partition_dirichlet_balanced(y, 100, 0.1, rng=0))
+  assert sorted(set(np.bincount(client, minlength=100))) == [4, 5] and np.bincount(client).sum() == len(y)
+  held = np.array([len(np.unique(y[client == k])) for k in range(100)])
+  assert held.max() <= 4 and np.median(held) <= 3  # IID draws of 4-5 from these shares hold 3-4 classes
+  near_iid = data.partition_dirichlet_balanced(y, 100, 1000.0, rng=0)
+  assert np.mean([len(np.unique(y[near_iid == k])) for k in range(100)]) > held.mean()
 
 
 def test_dirichlet_respects_min_size_by_redrawing():
@@ -264,6 +280,18 @@ def test_builtin_pbmc_shapes_and_dirichlet_default():
   again = data.load_dataset("pbmc")
   np.testing.assert_array_equal(split.train_client, again.train_client)
   np.testing.assert_array_equal(split.train_x, again.train_x)
+
+
+def test_builtin_pbmc_patients_sites_hold_two_related_populations():
+  pytest.importorskip("scanpy")
+  adata = data.load_builtin_anndata("pbmc_patients")
+  held = adata.obs.groupby("patient", observed=True)["bulk_labels"].unique()
+  assert sorted(held.index) == sorted(data.builtin.PBMC_PATIENT_POPULATIONS)
+  assert {site: set(pops) for site, pops in held.items()} == {
+      site: set(pops) for site, pops in data.builtin.PBMC_PATIENT_POPULATIONS.items()}
+  split = data.load_dataset("pbmc_patients")
+  assert split.n_clients == 5 and split.n_classes == 10
+  assert [len(np.unique(y)) for _, y in split.client_arrays()] == [2] * 5
 
 
 # ---------------------------------------------------------------------------------------------

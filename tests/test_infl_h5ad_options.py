@@ -215,7 +215,8 @@ def test_bad_input_exits_2_with_one_line_naming_the_flag(cohort, tmp_path, capsy
 def test_missing_file_lists_every_builtin(tmp_path, capsys):
   assert main(["--dataset", str(tmp_path / "nope.h5ad"), "--label-key", "x", "--workdir", str(tmp_path / "w")]) == 2
   err = capsys.readouterr().err
-  for name in ("proteomics", "pbmc", "pbmc_sites", "pbmc_panels", "nutrimouse", "spatial", "perturbation_sim"):
+  for name in ("proteomics", "pbmc", "pbmc_sites", "pbmc_panels", "pbmc_patients", "nutrimouse", "spatial",
+               "perturbation_sim"):
     assert name in err
   assert "--dataset" in err and "Traceback" not in err
 

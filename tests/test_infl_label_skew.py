@@ -56,19 +56,23 @@ def test_auto_drift_correction_follows_the_partition(tmp_path):
   # 4 classes: a client with 1, or with fewer than 2, gets SCAFFOLD; IID clients keep plain FedAvg.
   skewed = _tiny_split(tmp_path, partition="label-skew", classes_per_client=1, n_clients=4)
   config, choice = label_skew.fit_to_federation(TrainConfig.for_dataset("x.h5ad"), skewed)
-  assert config.drift_correction == "scaffold"
-  assert choice == {"drift_correction": "scaffold",
+  assert config.drift_correction == "scaffold" and config.rounds == 100  # twice the generic preset's 50
+  assert choice == {"drift_correction": "scaffold", "rounds": 100,
                     "reason": "4 of 4 clients hold a single class or fewer than half of the 4 classes"}
+  # Rounds the user set are kept, and a config built without a preset is never lengthened.
+  config, choice = label_skew.fit_to_federation(TrainConfig.for_dataset("x.h5ad", rounds=30), skewed)
+  assert config.rounds == 30 and choice["rounds"] == 30 and config.drift_correction == "scaffold"
+  assert label_skew.fit_to_federation(TrainConfig(rounds=30), skewed)[0].rounds == 30
   iid = _tiny_split(tmp_path, partition="iid", n_clients=3)
   config, choice = label_skew.fit_to_federation(TrainConfig.for_dataset("x.h5ad"), iid)
-  assert config.drift_correction == "none" and choice is None
+  assert config.drift_correction == "none" and choice is None and config.rounds == 50
   # An explicit setting is never overridden, and a sharded run cannot take SCAFFOLD.
   for explicit in ("none", "scaffold"):
     config, choice = label_skew.fit_to_federation(TrainConfig.for_dataset("x.h5ad", drift_correction=explicit),
                                                       skewed)
     assert config.drift_correction == explicit and choice is None
   config, choice = label_skew.fit_to_federation(TrainConfig.for_dataset("x.h5ad", shard_clients=True), skewed)
-  assert config.drift_correction == "none" and choice["drift_correction"] == "none"
+  assert config.drift_correction == "none" and choice["drift_correction"] == "none" and config.rounds == 50
 
 
 def test_a_skewed_run_says_and_records_its_choice(tmp_path, capsys):
@@ -85,7 +89,11 @@ def test_a_skewed_run_says_and_records_its_choice(tmp_path, capsys):
   assert "training with SCAFFOLD drift correction" in capsys.readouterr().err
   summary = json.loads((tmp_path / "run" / "summary.json").read_text())
   assert summary["federation_choice"]["drift_correction"] == "scaffold"
+  assert summary["federation_choice"]["rounds"] == summary["rounds"] == 2  # --rounds given: kept
   assert summary["config"]["drift_correction"] == "scaffold" and summary["config"]["absent_class_scale"] == 0.5
+  label_skew.say_federation_choice({"drift_correction": "scaffold", "rounds": 100, "reason": "5 of 5 clients ..."}, 50)
+  assert ("training with SCAFFOLD drift correction and 100 rounds instead of the preset's 50 (--drift-correction "
+          "none, --rounds N override" in capsys.readouterr().err)
   # The resume resolves the same choice from the same data and accepts the checkpoint.
   assert main([f"--dataset={tmp_path / 'cells.h5ad'}", "--label-key", "cell_type", "--partition", "label-skew",
                "--classes-per-client", "1", "--n-clients", "4", "--rounds", "3", "--hidden", "8",

@@ -13,7 +13,8 @@ from infl_jax.data.anndata_io import PanelAlignment, align_feature_panels, load_
 from infl_jax.data.builtin import BUILTIN_DATASETS, available_datasets, load_builtin_anndata
 from infl_jax.data.errors import DataError
 from infl_jax.data.loader import load_dataset
-from infl_jax.data.partition import partition_by_column, partition_dirichlet, partition_iid, stratified_holdout
+from infl_jax.data.partition import (partition_by_column, partition_dirichlet, partition_dirichlet_balanced,
+                                     partition_iid, partition_label_skew, stratified_holdout)
 from infl_jax.data.preprocess import Preprocessor, Standardizer
 from infl_jax.data.split import FederatedSplit, make_federated_split
 
@@ -32,7 +33,9 @@ __all__ = [
     "make_federated_split",
     "partition_by_column",
     "partition_dirichlet",
+    "partition_dirichlet_balanced",
     "partition_iid",
+    "partition_label_skew",
     "read_h5ad",
     "stratified_holdout",
 ]

@@ -15,6 +15,11 @@ only as ``layers["scaled_all_cells"]``. Clients by Dirichlet label skew (alpha 0
 ``pbmc_sites`` / ``pbmc_panels``: the same cells in 3 seeded iid sites (``obs["site"]``), with
 full gene panels, or with each site missing its own disjoint 20% of the genes (heterogeneous
 panels, aligned to the union with a per-site mask: ``uns["feature_join"]["present"]``).
+
+``pbmc_patients``: the same cells in 5 sites (``obs["patient"]``) that hold two related populations each,
+as sites that sorted different cell types would (docs/design.md, "Clients that hold few classes").
+pbmc68k_reduced has no donor column, so these "patients" are built from the labels, not real donors; the
+set shows how a federation of label-skewed sites trains from a user's .h5ad with the generic defaults.
 """
 
 from __future__ import annotations
@@ -151,6 +156,33 @@ def _build_pbmc_panels() -> "anndata.AnnData":
   return combined
 
 
+# Two related populations per site, by lineage, so each site must learn from the others what its own pair is
+# not. Sites are as unequal as sorted samples are (39 to 369 cells).
+PBMC_PATIENT_POPULATIONS = {
+    "myeloid": ("Dendritic", "CD14+ Monocyte"),
+    "B_progenitor": ("CD19+ B", "CD34+"),
+    "CD4_Treg_memory": ("CD4+/CD25 T Reg", "CD4+/CD45RO+ Memory"),
+    "CD8": ("CD8+ Cytotoxic T", "CD8+/CD45RA+ Naive Cytotoxic"),
+    "NK_naive_T": ("CD56+ NK", "CD4+/CD45RA+/CD25- Naive T"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _build_pbmc_patients() -> "anndata.AnnData":
+  adata = _build_pbmc().copy()
+  del adata.layers["scaled_all_cells"]
+  site_of = {population: site for site, populations in PBMC_PATIENT_POPULATIONS.items() for population in populations}
+  labels = adata.obs["bulk_labels"].astype(str)
+  unplaced = sorted(set(labels) - set(site_of))
+  if unplaced:
+    raise DataError(f"scanpy's pbmc68k_reduced has populations no pbmc_patients site holds ({unplaced}); "
+                    "pin scanpy>=1.10,<1.12")
+  adata.obs["patient"] = labels.map(site_of).astype("category")
+  adata.uns["source"] = ("pbmc68k_reduced (log1p-normalised) in 5 label-built sites (obs 'patient'), two related "
+                         "populations each; not real donors")
+  return adata
+
+
 BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
     "proteomics": BuiltinDataset(
         name="proteomics",
@@ -172,6 +204,11 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
         summary="pbmc in the 3 sites of pbmc_sites, each missing a different 20% of the 765 genes (union join, masked)",
         label_key="bulk_labels", client_key="site", partition="column", n_clients=None, alpha=0.5,
         log_transform="none", build=_build_pbmc_panels, requires="scanpy"),
+    "pbmc_patients": BuiltinDataset(
+        name="pbmc_patients",
+        summary="pbmc in 5 sites (obs 'patient', built from the labels) holding two related populations each",
+        label_key="bulk_labels", client_key="patient", partition="column", n_clients=None, alpha=0.5,
+        log_transform="none", build=_build_pbmc_patients, requires="scanpy"),
 }
 
 

@@ -10,7 +10,8 @@ __all__ = ["BUILTIN_NAMES", "DataError", "did_you_mean", "preview"]
 
 # Every built-in name ``infl-train --dataset`` takes: builtin.py's classification sets, then the ones of
 # multiomics.py, spatial.py and perturbation.py. Here, below all of them, so any module's message can list them.
-BUILTIN_NAMES = ("proteomics", "pbmc", "pbmc_sites", "pbmc_panels", "nutrimouse", "spatial", "perturbation_sim")
+BUILTIN_NAMES = ("proteomics", "pbmc", "pbmc_sites", "pbmc_panels", "pbmc_patients", "nutrimouse", "spatial",
+                 "perturbation_sim")
 
 
 class DataError(UserInputError):

@@ -23,7 +23,7 @@ from infl_jax.data.preprocess import Preprocessor, check_finite
 
 __all__ = ["PARTITIONS", "FederatedSplit", "make_federated_split"]
 
-PARTITIONS = ("column", "iid", "dirichlet", "label-skew")
+PARTITIONS = ("column", "iid", "dirichlet", "dirichlet-balanced", "label-skew")
 
 
 @dataclasses.dataclass
@@ -128,7 +128,7 @@ def make_federated_split(
   """Builds a ``FederatedSplit`` from plain arrays: x [N, F] numeric, y [N] class ids 0..C-1.
 
   ``groups`` (per-sample site/plate/patient values) is required for ``partition="column"``;
-  ``alpha`` is used by ``"dirichlet"``, ``classes_per_client`` by ``"label-skew"``.
+  ``alpha`` is used by ``"dirichlet"`` and ``"dirichlet-balanced"``, ``classes_per_client`` by ``"label-skew"``.
   ``preprocessor`` is an unfitted ``Preprocessor`` (default: standardise only); it is
   fitted here on the training rows.
   """
@@ -154,7 +154,7 @@ def make_federated_split(
   train, client = train[order], client[order]
   train_x, val_x, test_x = _fit_on_train_and_transform(preprocessor, x, feature_names, train, val, test)
   kept_names = preprocessor.selected_names(feature_names)
-  detail = {"dirichlet": f", alpha={alpha}", "label-skew": f", {classes_per_client} classes per client"}
+  detail = {"dirichlet": f", alpha={alpha}", "dirichlet-balanced": f", alpha={alpha}", "label-skew": f", {classes_per_client} classes per client"}
   auto = (f"{n} samples x {f} features, {len(class_names)} classes; train {len(train)} over {len(client_names)}"
           f" clients ({partition}{detail.get(partition, '')}; sizes"
           f" {', '.join(map(str, sizes))}), val {len(val)}, test {len(test)}; seed {seed}; preprocessing:"
@@ -214,6 +214,8 @@ def _partition_training_rows(partition, train_y, train, groups, *, n_samples, n_
     client = partition_lib.partition_iid(train_y, n_clients, rng)
   elif partition == "label-skew":
     client = partition_lib.partition_label_skew(train_y, n_clients, classes_per_client, rng)
+  elif partition == "dirichlet-balanced":
+    client = partition_lib.partition_dirichlet_balanced(train_y, n_clients, alpha, rng)
   else:
     client = partition_lib.partition_dirichlet(train_y, n_clients, alpha, rng, min_size=min_client_size)
   return client, [f"client{k}" for k in range(int(n_clients))]

@@ -323,9 +323,10 @@ def run(config: TrainConfig, workdir, key: keylib.SecretKey, *, resume: bool = F
   """
   check_key_version(config, key)
   raw = load_data(config)
+  preset_rounds = config.rounds
   config, federation_choice = fit_to_federation(config, raw)
   if federation_choice is not None and not resume:
-    say_federation_choice(federation_choice)
+    say_federation_choice(federation_choice, preset_rounds)
   split = client_split(raw, client_view(key, config.key_scheme, raw.n_features))
   model = create_model(config, split.n_classes)
   algo = algorithm_from_config(config, classification_task(model, absent_class_scale=config.absent_class_scale))
