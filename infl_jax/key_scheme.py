@@ -52,8 +52,10 @@ class InputScrambler(NamedTuple):
 
 
 def input_scrambler(key: keylib.SecretKey, num_features: int,
-                    scale_range: tuple[float, float] | None = None, *, stream: str = "") -> InputScrambler:
-  """The key's scramble of ``num_features`` features; ``scale_range=(lo, hi)`` adds log-uniform scales."""
+                    scale_range: tuple[float, float] | None = None, *, stream: str = "",
+                    signed: bool = True) -> InputScrambler:
+  """The key's scramble of ``num_features`` features; ``scale_range=(lo, hi)`` adds log-uniform scales;
+  ``signed=False`` keeps every sign (the same permutation: the signs are drawn after it either way)."""
   if not isinstance(key, keylib.SecretKey):
     raise UserInputError(f"input_scrambler needs a SecretKey (infl_jax.keys.generate_key/load_key), got "
                          f"{type(key).__name__}")
@@ -64,6 +66,8 @@ def input_scrambler(key: keylib.SecretKey, num_features: int,
   rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(int.from_bytes(digest, "little"))))
   permutation = rng.permutation(int(num_features))
   signs = np.where(rng.random(num_features) < 0.5, -1.0, 1.0).astype(np.float32)
+  if not signed:
+    signs = np.ones(num_features, np.float32)
   if scale_range is None:
     scales = np.ones(num_features, np.float32)
   else:
@@ -114,29 +118,32 @@ class KeyView(NamedTuple):
     return np.asarray(scramble(x, self.scramblers[stream]), np.float32)
 
 
-def _view(key: keylib.SecretKey, scheme: str, num_features: dict[str, int]) -> KeyView:
+def _view(key: keylib.SecretKey, scheme: str, num_features: dict[str, int], signed: bool = True) -> KeyView:
   if check_scheme(scheme) == "faithful":
     return KeyView(key.coords)
-  return KeyView(key.coords, {stream: input_scrambler(key, n, stream=stream) for stream, n in num_features.items()})
+  return KeyView(key.coords, {stream: input_scrambler(key, n, stream=stream, signed=signed)
+                              for stream, n in num_features.items()})
 
 
-def client_view(key: keylib.SecretKey, scheme: str, num_features: int | dict[str, int]) -> KeyView:
+def client_view(key: keylib.SecretKey, scheme: str, num_features: int | dict[str, int], *,
+                signed: bool = True) -> KeyView:
   """What the clients feed their model under ``scheme``: the key's coordinates, and under ``hardened`` their
   data scrambled with the key. ``num_features``: the width of the task's input, or ``{stream: width}`` for
-  a task with several inputs."""
+  a task with several inputs. ``signed=False``: a permutation only, for a task whose model is not equivariant
+  to sign flips (docs/design.md, "Key schemes")."""
   widths = num_features if isinstance(num_features, dict) else {"": int(num_features)}
-  return _view(key, scheme, widths)
+  return _view(key, scheme, widths, signed)
 
 
 def study_views(key: keylib.SecretKey, scheme: str, num_features: int | dict[str, int],
-                seed: int | None = None) -> dict[str, KeyView]:
+                seed: int | None = None, *, signed: bool = True) -> dict[str, KeyView]:
   """The key study's four ways of running a trained model under ``scheme``: right key, a wrong key of the same
   mode, one of another mode (attackers' guesses made from ``seed`` or the key's public fingerprint, never
   from its material; ``keys.wrong_key_like``), and no key (raw features, no INR path)."""
   widths = num_features if isinstance(num_features, dict) else {"": int(num_features)}
   return {
-      "right_key": _view(key, scheme, widths),
-      "wrong_key_same_mode": _view(keylib.wrong_key_like(key, seed=seed), scheme, widths),
-      "wrong_key_other_mode": _view(keylib.other_mode_key(key, seed=seed), scheme, widths),
+      "right_key": _view(key, scheme, widths, signed),
+      "wrong_key_same_mode": _view(keylib.wrong_key_like(key, seed=seed), scheme, widths, signed),
+      "wrong_key_other_mode": _view(keylib.other_mode_key(key, seed=seed), scheme, widths, signed),
       "no_inr": KeyView(None),
   }

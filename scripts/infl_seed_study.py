@@ -29,6 +29,9 @@ scheme does not touch (``headline``):
   is k-means on modality m alone, over the samples of the clients that hold it. Not ``genotype``: on
   nutrimouse its ARI is near 0 for the federated model and the k-means baselines alike, so it cannot tell
   the key conditions apart.
+- perturbation: ``pearson_delta``, the Pearson correlation of predicted and true change from control over every
+  held-out condition (``held_out[...]["all"]``); ``baseline_sum_of_singles_combos`` is the sum of the two single
+  effects, on the held-out combinations whose both singles were trained (a subset, so a reference, not a pair).
 ARI rather than NMI: it is 0 in expectation for a random clustering whatever the number of clusters, so a
 keyless condition near 0 reads as "nothing learned".
 """
@@ -37,6 +40,7 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import sys
 import tempfile
 
 import jax
@@ -52,7 +56,7 @@ from infl_jax.tasks.classification import classification_task, create_model, ini
 from infl_jax.tasks.common import resume_settings
 from infl_jax.tasks.label_skew import fit_to_federation
 from runkit.checkpoint import Checkpointer
-from runkit.cli import CHECKPOINT_SUBDIR
+from runkit.cli import CHECKPOINT_SUBDIR, run_cli
 from runkit.errors import UserInputError
 
 
@@ -114,7 +118,7 @@ def adaptive_accuracy(config: TrainConfig, workdir, key: keylib.SecretKey, n: in
 
 
 # The tasks ``headline`` has a figure for.
-HEADLINE_TASKS = ("classification", "spatial", "multiomics")
+HEADLINE_TASKS = ("classification", "spatial", "multiomics", "perturbation")
 
 
 def headline(summary: dict) -> dict:
@@ -135,6 +139,10 @@ def headline(summary: dict) -> dict:
                  for name, b in summary["baselines"].items() if name.startswith("kmeans_")}
     return {"metric": f"ari_{label}",
             **{name: m["mosaic"][label]["ari"] for name, m in summary["clustering"].items()}, **baselines}
+  if task == "perturbation":
+    sums = summary["baselines"].get("sum_of_single_effects_combos_with_both_singles_seen", {}).get("combo")
+    return {"metric": "pearson_delta", **{name: m["all"]["pearson_delta"] for name, m in summary["held_out"].items()},
+            **({} if sums is None else {"baseline_sum_of_singles_combos": sums["pearson_delta"]})}
   raise ValueError(f"no headline figure for task {task!r}")  # key_study refuses such tasks before training
 
 
@@ -178,7 +186,7 @@ def compare_schemes(train_flags: list[str], seed: int, adaptive_samples: int | N
   return row
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
   p.add_argument("--compare-schemes", action="store_true",
@@ -190,7 +198,7 @@ def main() -> None:
                  help="run each seed once per key seed K (the same split and training randomness, another key) "
                       "instead of with the key of its own seed")
   p.add_argument("train_flags", nargs=argparse.REMAINDER, help="infl-train flags, after --")
-  args = p.parse_args()
+  args = p.parse_args(argv)
   train_flags = [f for f in args.train_flags if f != "--"] or ["--dataset", "proteomics"]
   study = compare_schemes if args.compare_schemes else key_study
   rows = []
@@ -212,4 +220,4 @@ def seed_summary(rows: list[dict]) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(run_cli(main))

@@ -30,6 +30,12 @@ def test_views_feed_the_model_what_each_party_holds():
   assert views["no_inr"].coords is None and views["no_inr"].scramblers is None  # no key: raw features
   guessed = views["wrong_key_same_mode"]
   assert not np.array_equal(guessed.inputs(x), hardened.inputs(x))  # an attacker scrambles with their guess
+  # Unsigned (the perturbation task's): the same secret permutation, no sign flips, in every view.
+  unsigned = client_view(key, "hardened", 7, signed=False)
+  np.testing.assert_array_equal(unsigned.inputs(x), x[:, s.permutation])
+  np.testing.assert_array_equal(unscramble(unsigned.inputs(x), unsigned.scramblers[""]), x)
+  assert all(v.scramblers is None or (v.scramblers[""].signs == 1).all()
+             for v in study_views(key, "hardened", 7, seed=0, signed=False).values())
   # Two inputs of one client (multi-omics layers) get scrambles of their own.
   two = client_view(key, "hardened", {"genes": 50, "lipids": 50})
   assert not np.array_equal(two.scramblers["genes"].permutation, two.scramblers["lipids"].permutation)
@@ -98,3 +104,16 @@ def test_multi_omics_layers_are_scrambled_each_with_its_own_stream():
     np.testing.assert_array_equal(held[m], scramble(x, input_scrambler(key, x.shape[1], stream=m)))
   assert _inputs(client_view(key, "faithful", {"genes": 6, "lipids": 4}), layers)["genes"].tolist() == \
       layers["genes"].tolist()
+
+
+def test_every_task_defaults_to_hardened_but_perturbation():
+  from infl_jax.config import TrainConfig
+
+  for dataset in ("proteomics", "pbmc", "pbmc_patients", "spatial", "nutrimouse", "cells.h5ad"):
+    assert TrainConfig.for_dataset(dataset).key_scheme == "hardened", dataset
+  assert TrainConfig().key_scheme == "hardened"
+  # Perturbation keeps the published scheme (docs/privacy.md, "Every task, both schemes"), built-in or a user's
+  # file, unless the user asks.
+  assert TrainConfig.for_dataset("perturbation_sim").key_scheme == "faithful"
+  assert TrainConfig.for_dataset("gears.h5ad", task="perturbation").key_scheme == "faithful"
+  assert TrainConfig.for_dataset("perturbation_sim", key_scheme="hardened").key_scheme == "hardened"

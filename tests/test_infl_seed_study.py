@@ -95,3 +95,24 @@ def test_key_seeds_vary_the_key_and_keep_the_seed(study, monkeypatch):
       study.key_study(TINY, seed=3, key_seed=key_seed)
   assert [seed for seed, _ in seen] == [3, 3, 3]
   assert [fingerprint for _, fingerprint in seen] == [keylib.generate_key(seed=s).fingerprint for s in (3, 7, 8)]
+
+
+def test_perturbation_headline_is_the_pearson_delta_over_all_held_out_conditions(study):
+  def scores(pearson):
+    return {part: {"mse": 9.0, "mse_top20_de": 9.0, "pearson_delta": pearson + offset, "n_conditions": 3}
+            for part, offset in (("single", 0.5), ("combo", 0.25), ("all", 0.0))}
+
+  summary = {"task": "perturbation", "held_out": {name: scores(0.1 * i) for i, name in enumerate(CONDITIONS)},
+             "baselines": {"no_change_control_mean": scores(0.0),
+                           "sum_of_single_effects_combos_with_both_singles_seen": {"combo": scores(0.8)["all"]}}}
+  assert study.headline(summary) == {"metric": "pearson_delta", "right_key": 0.0, "wrong_key_same_mode": 0.1,
+                                     "wrong_key_other_mode": 0.2, "no_inr": pytest.approx(0.3),
+                                     "baseline_sum_of_singles_combos": 0.8}
+  del summary["baselines"]["sum_of_single_effects_combos_with_both_singles_seen"]  # no combination of two seen
+  assert "baseline_sum_of_singles_combos" not in study.headline(summary)
+
+
+def test_bad_study_flags_meet_one_line(study, capsys):
+  assert study.run_cli(study.main, ["--seeds", "1", "--adaptive-samples", "5", "--", *TINY_SPATIAL]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: --adaptive-samples attacks classifiers") and "Traceback" not in err
