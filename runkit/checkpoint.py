@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 import threading
+import time
 
 import jax
 import numpy as np
@@ -120,6 +121,7 @@ class Checkpointer:
     self._step_name = step_name
     self._pending = None  # the step whose save orbax may still be writing in the background
     self._failed = False  # a save failed (and was reported): orbax re-raises it on close
+    self._failed_step = None  # the step of that save, whose half-written folder close removes once more
     self._closed = False
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
@@ -172,10 +174,27 @@ class Checkpointer:
     failed_work_muted()
     if step is None:
       return
+    self._failed_step = step
     with contextlib.suppress(Exception):  # the failure is already being reported
       self._manager.wait_until_finished()
-    for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-      shutil.rmtree(partial, ignore_errors=True)
+    self._remove_partial(step)
+
+  def _remove_partial(self, step: int) -> None:
+    # wait_until_finished returns at the first error, while tensorstore's own threads may still be writing the
+    # step's files (seen under load in CI: the folder came back): remove until it stays gone for 0.3 s, and
+    # once more after the manager is closed (``close``).
+    gone_since = None
+    for _ in range(50):
+      partials = list(self.directory.glob(f"{step}.orbax-checkpoint-tmp*"))
+      for partial in partials:
+        shutil.rmtree(partial, ignore_errors=True)
+      if partials:
+        gone_since = None
+      elif gone_since is None:
+        gone_since = time.monotonic()
+      elif time.monotonic() - gone_since >= 0.3:
+        return
+      time.sleep(0.05)
 
   def _complete_steps(self) -> list[int]:
     """The steps whose folder orbax finished (renamed to the step's number), read from the folder."""
@@ -290,6 +309,8 @@ class Checkpointer:
           except Exception:
             if not self._failed:  # after a failed save orbax raises it again here: already reported
               raise
+          if self._failed_step is not None:
+            self._remove_partial(self._failed_step)
     finally:
       self._closed = True
       Noise.open_checkpointers -= 1
