@@ -52,8 +52,8 @@ def load_dataset(
     client_key: obs column whose values are the clients (site, plate, patient); selects ``partition="column"``.
     n_clients: number of clients. With ``partition="column"``, None means one per
       distinct value and a larger number splits the biggest groups (stratified, seeded).
-    partition: ``"column"``, ``"iid"``, ``"dirichlet"`` or ``"dirichlet-balanced"`` (``alpha``; the second
-      gives every client the same size) or ``"label-skew"`` (``classes_per_client`` classes per client). Default: the built-in's, else ``"column"`` with a ``client_key``, else ``"iid"``.
+    partition: ``"column"``, ``"iid"``, ``"dirichlet"`` or ``"dirichlet-balanced"`` (``alpha``), ``"label-skew"``
+      (``classes_per_client``). Default: the built-in's, else ``"column"`` with a ``client_key``, else ``"iid"``.
     val_fraction, test_fraction: held-out shares, stratified by label, drawn before the
       client partition so central and federated training use the same training samples.
     seed: one seed for the held-out split and the partition (independent streams).

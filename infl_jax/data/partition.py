@@ -52,6 +52,11 @@ def _check_n_clients(n_clients, n_samples: int, what: str = "samples") -> int:
   return int(n_clients)
 
 
+def _check_alpha(alpha) -> None:
+  if not alpha > 0 or not np.isfinite(alpha):
+    raise DataError(f"Dirichlet --alpha must be a positive number (0.1 = strong skew, 100 = near IID), got {alpha}")
+
+
 def stratified_holdout(y, val_fraction: float, test_fraction: float, rng=None,
                        class_names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Splits sample indices into (train, val, test), each class in the same proportions.
@@ -120,8 +125,7 @@ def partition_dirichlet(y, n_clients: int, alpha: float = 0.5, rng=None, *, min_
   y = _check_labels(y)
   n = len(y)
   n_clients = _check_n_clients(n_clients, n)
-  if not alpha > 0 or not np.isfinite(alpha):
-    raise DataError(f"Dirichlet --alpha must be a positive number (0.1 = strong skew, 100 = near IID), got {alpha}")
+  _check_alpha(alpha)
   if min_size < 0:
     raise DataError(f"min_size must be >= 0, got {min_size}")
   if n_clients * min_size > n:
@@ -161,8 +165,7 @@ def partition_dirichlet_balanced(y, n_clients: int, alpha: float = 0.5, rng=None
   y = _check_labels(y)
   n = len(y)
   n_clients = _check_n_clients(n_clients, n)
-  if not alpha > 0 or not np.isfinite(alpha):
-    raise DataError(f"Dirichlet --alpha must be a positive number (0.1 = strong skew, 100 = near IID), got {alpha}")
+  _check_alpha(alpha)
   rng = as_rng(rng)
   classes, y_class = np.unique(y, return_inverse=True)
   pools = [list(rng.permutation(np.flatnonzero(y_class == c))) for c in range(len(classes))]

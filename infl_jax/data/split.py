@@ -154,7 +154,8 @@ def make_federated_split(
   train, client = train[order], client[order]
   train_x, val_x, test_x = _fit_on_train_and_transform(preprocessor, x, feature_names, train, val, test)
   kept_names = preprocessor.selected_names(feature_names)
-  detail = {"dirichlet": f", alpha={alpha}", "dirichlet-balanced": f", alpha={alpha}", "label-skew": f", {classes_per_client} classes per client"}
+  detail = {"dirichlet": f", alpha={alpha}", "dirichlet-balanced": f", alpha={alpha}",
+            "label-skew": f", {classes_per_client} classes per client"}
   auto = (f"{n} samples x {f} features, {len(class_names)} classes; train {len(train)} over {len(client_names)}"
           f" clients ({partition}{detail.get(partition, '')}; sizes"
           f" {', '.join(map(str, sizes))}), val {len(val)}, test {len(test)}; seed {seed}; preprocessing:"
