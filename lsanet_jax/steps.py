@@ -177,7 +177,8 @@ def make_train_epoch(model, tx, config: TrainConfig, task: str, num_train: int,
 
 
 def make_predict(model, task: str, batch_size: int, max_batches: int, mesh: Mesh | None = None):
-  """jit(variables, images, first_batch, num_batches) -> {head: probabilities (max_batches * batch_size, C)}:
+  """jit(variables, images, first_batch, num_batches, key_coords=None) -> {head: probabilities
+  (max_batches * batch_size, C)}:
   every head scored in eval mode, in one pass over the batches first_batch .. first_batch + num_batches - 1
   of images (rows batch_size * first_batch onwards; pad each split to whole batches). Rows past
   num_batches * batch_size are zeros.
@@ -188,18 +189,21 @@ def make_predict(model, task: str, batch_size: int, max_batches: int, mesh: Mesh
   activation = jax.nn.sigmoid if task == MULTI_LABEL else jax.nn.softmax
   shard = batch_sharder(mesh if mesh is not None and batch_size % mesh.size == 0 else None)
 
-  def one(variables, xb):
-    logits = model.apply(variables, preprocess(shard(xb)), train=False)["logits"]
+  def one(variables, xb, key_coords):
+    # A keyed model (lsanet-federated --key-scheme) takes the key as an argument of the compiled function, never
+    # as a constant inside it (which the compilation cache would write to disk).
+    key = {} if key_coords is None else {"key_coords": key_coords}
+    logits = model.apply(variables, preprocess(shard(xb)), train=False, **key)["logits"]
     return {k: activation(v) for k, v in logits.items()}
 
   @jax.jit
-  def predict(variables, images, first_batch, num_batches):
-    shapes = jax.eval_shape(one, variables, images[:batch_size])
+  def predict(variables, images, first_batch, num_batches, key_coords=None):
+    shapes = jax.eval_shape(one, variables, images[:batch_size], key_coords)
     out = {k: jnp.zeros((max_batches, *v.shape), v.dtype) for k, v in shapes.items()}
 
     def body(i, out):
       xb = jax.lax.dynamic_slice_in_dim(images, (first_batch + i) * batch_size, batch_size)
-      return {k: out[k].at[i].set(v) for k, v in one(variables, xb).items()}
+      return {k: out[k].at[i].set(v) for k, v in one(variables, xb, key_coords).items()}
 
     out = jax.lax.fori_loop(0, num_batches, body, out)
     return {k: v.reshape(max_batches * batch_size, -1) for k, v in out.items()}

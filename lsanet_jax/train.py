@@ -129,11 +129,16 @@ def load_data(config: TrainConfig) -> MedMNISTData:
 
 
 def device_data(data: MedMNISTData, train_rows: np.ndarray, eval_batch_size: int, mesh=None) -> dict:
-  """The training rows and the val and test images moved to the device once (to every device of mesh).
-
-  Val and test lie in one array, each padded to whole evaluation batches, so one compiled prediction
-  function scores either (make_predict's batch range)."""
+  """The training rows and the val and test images moved to the device once (to every device of mesh);
+  see evaluation_data."""
   put = jax.device_put if mesh is None else functools.partial(replicate, mesh=mesh)
+  return {"train": (put(data.train_images[train_rows]), put(data.train_labels[train_rows])),
+          **evaluation_data(data, eval_batch_size, put)}
+
+
+def evaluation_data(data: MedMNISTData, eval_batch_size: int, put=jax.device_put) -> dict:
+  """The val and test images moved to the device once, in one array, each padded to whole evaluation
+  batches, so one compiled prediction function scores either (make_predict's batch range)."""
   batch = min(eval_batch_size, max(data.val_images.shape[0], data.test_images.shape[0]))
   blocks, splits, first = [], {}, 0
   for split in ("val", "test"):
@@ -144,7 +149,6 @@ def device_data(data: MedMNISTData, train_rows: np.ndarray, eval_batch_size: int
     splits[split] = {"first_batch": first, "num_batches": num_batches, "labels": labels}
     first += num_batches
   return {
-      "train": (put(data.train_images[train_rows]), put(data.train_labels[train_rows])),
       "eval_images": put(np.concatenate(blocks)),
       "eval_batch": batch,
       "max_eval_batches": max(s["num_batches"] for s in splits.values()),
@@ -155,10 +159,11 @@ def device_data(data: MedMNISTData, train_rows: np.ndarray, eval_batch_size: int
 _DIVERGED_FIX = "lower --lr (or leave out --bf16) and start again in a new --workdir"
 
 
-def evaluate(predict, variables: dict, on_device: dict, split: str, task: str) -> dict:
-  """{head: {acc, auc}} of variables on split ("val" or "test"), every head from one pass."""
+def evaluate(predict, variables: dict, on_device: dict, split: str, task: str, key_coords=None) -> dict:
+  """{head: {acc, auc}} of variables on split ("val" or "test"), every head from one pass (a keyed model's
+  with key_coords)."""
   where = on_device["splits"][split]
-  probs = predict(variables, on_device["eval_images"], where["first_batch"], where["num_batches"])
+  probs = predict(variables, on_device["eval_images"], where["first_batch"], where["num_batches"], key_coords)
   labels = where["labels"]
   probs = {head: np.asarray(p)[:labels.shape[0]] for head, p in probs.items()}
   for head, p in probs.items():

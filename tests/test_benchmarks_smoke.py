@@ -113,3 +113,15 @@ def test_lsanet_speed_benchmark_small(tmp_path):
   assert len(epoch["epoch_seconds"]) == 2 and all(l > 0 for l in epoch["mean_loss_per_epoch"])
   assert saved["compile_s"] == {"step/lsanet_bf16": step["compile_s"], "epoch/lsanet_fp32": epoch["compile_s"]}
   assert saved["ratios"] == {}  # no torch columns, no ratios
+
+
+def test_lsanet_federated_round_benchmark_small(tmp_path):
+  bench = _load_benchmark("lsanet_federated_round")
+  out = tmp_path / "round.json"
+  assert bench.main(["--small", "--hospitals", "2", "--repeats", "1", "--out", str(out)]) == 0
+  saved = json.loads(out.read_text())
+  (entry,) = saved["rounds"]
+  assert "error" not in entry, entry
+  assert entry["hospitals"] == 2 and entry["images_per_hospital"] == 8
+  assert entry["vmap_s"] > 0 and entry["jit_loop_s"] > 0
+  assert entry["vmap_speedup_over_loop"] == pytest.approx(entry["jit_loop_s"] / entry["vmap_s"])

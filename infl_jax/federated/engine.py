@@ -43,8 +43,11 @@ import optax
 
 from infl_jax.federated.aggregate import weighted_sum
 from infl_jax.federated.client_data import ClientData
+from infl_jax.federated.controls import check_controls, initial_controls, scatter_controls
 from infl_jax.federated.local import LocalConfig, client_update, corrected_client_update
 from infl_jax.federated.sharding import ShardedClientData, sharded_update_sums
+from infl_jax.federated.site_local import (SiteLocal, check_sites, init_sites, scatter_sites, shared_delta,
+                                          site_variables)
 from infl_jax.federated.task import Task
 
 PyTree = Any
@@ -69,6 +72,9 @@ class ServerState(NamedTuple):
   # checkpoints store it). The clients' rows are the simulated clients' own state, carried here so that one
   # jitted round can gather and scatter them; a deployment's state has no "clients": each site keeps its row.
   controls: Any = None
+  # Site-local variables (``site_local.py``, e.g. FedBN), None otherwise: {"params": each client's local part,
+  # "model_state": each client's model state}, leaves with a leading [num_clients] axis.
+  sites: Any = None
 
 
 def global_variables(state: ServerState) -> dict:
@@ -142,6 +148,7 @@ class _RoundSpec(NamedTuple):
   aggregate_noise: Callable | None
   client_lr_schedule: Callable | None
   control_variates: bool
+  site_local: SiteLocal | None
 
 
 def cosine_round_schedule(rounds: int, final_fraction: float = 0.0) -> Callable[[jax.Array], jax.Array]:
@@ -166,9 +173,13 @@ def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
            aggregate_noise: Callable[[PyTree, jax.Array, jax.Array, Any], PyTree] | None = None,
            client_lr_schedule: Callable[[jax.Array], jax.Array] | None = None,
            control_variates: bool = False,
+           site_local: SiteLocal | None = None,
+           wrap_last_batch: bool = False,
            ) -> FederatedAlgorithm:
   """FedAvg and its relatives (FedProx via ``prox_mu``, FedAdam/FedYogi via ``server_opt``, SCAFFOLD via
-  ``control_variates``: then ``init`` needs ``num_clients``).
+  ``control_variates``, FedBN via ``site_local``: then ``init`` needs ``num_clients``).
+
+  ``wrap_last_batch``: ``LocalConfig.wrap_last_batch`` (for models whose batch statistics take no mask).
 
   ``client_lr_schedule(round)``: a factor on every client optimizer step of that round (0-based), e.g.
   ``cosine_round_schedule(rounds)``; it scales the optimizer's output, which for Adam and SGD is
@@ -184,12 +195,15 @@ def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
     raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
   if client_chunk_size is not None and client_chunk_size < 1:
     raise ValueError(f"client_chunk_size must be >= 1, got {client_chunk_size}")
-  spec = _RoundSpec(task=task, client_optimizer=client_optimizer,
-                    local=LocalConfig(local_epochs=local_epochs, batch_size=batch_size, prox_mu=prox_mu),
+  if control_variates and site_local is not None:
+    raise ValueError("SCAFFOLD with site-local variables is not available; choose one")
+  local = LocalConfig(local_epochs=local_epochs, batch_size=batch_size, prox_mu=prox_mu, wrap_last_batch=wrap_last_batch)
+  spec = _RoundSpec(task=task, client_optimizer=client_optimizer, local=local,
                     client_fraction=client_fraction, weighting=weighting,
                     server_opt=server_opt or server_optimizer("fedavg"), client_chunk_size=client_chunk_size,
                     update_transform=update_transform, aggregate_noise=aggregate_noise,
-                    client_lr_schedule=client_lr_schedule, control_variates=control_variates)
+                    client_lr_schedule=client_lr_schedule, control_variates=control_variates,
+                    site_local=site_local)
   update_sums = functools.partial(_update_sums, spec)
 
   def init(variables: PyTree, rng: jax.Array, *, key_version: int = 1, num_clients: int | None = None,
@@ -199,10 +213,11 @@ def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
     variables = dict(variables)
     params = variables.pop("params")
     rng_data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
-    controls = _initial_controls(params, num_clients, client_controls) if control_variates else None
+    controls = initial_controls(params, num_clients, client_controls) if control_variates else None
+    sites = None if site_local is None else init_sites(site_local, params, variables, num_clients)
     return ServerState(params=params, model_state=variables, opt_state=spec.server_opt.init(params),
                        round=jnp.int32(0), rng=jnp.asarray(rng_data, jnp.uint32),
-                       key_version=jnp.int32(key_version), controls=controls)
+                       key_version=jnp.int32(key_version), controls=controls, sites=sites)
 
   def round_fn(state: ServerState, clients: ClientData | ShardedClientData, context: Any = None):
     num_clients = clients.num_clients
@@ -212,19 +227,13 @@ def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
       sampled = jnp.sort(jax.random.choice(keys.sample, num_clients, (num_sampled,), replace=False))
     else:
       sampled = jnp.arange(num_clients)
-    if control_variates:
-      _check_controls(state, num_clients)
-      if isinstance(clients, ShardedClientData):
-        raise ValueError("SCAFFOLD is not available with the client axis sharded over devices yet; run it on "
-                         "one device (drop --shard-clients)")
+    per_client = _check_per_client_state(spec, state, clients)
     if isinstance(clients, ShardedClientData):
       sums = sharded_update_sums(update_sums, clients, sampled, state, keys, context)
     else:
       sums = update_sums(clients, sampled, sampled, jnp.ones(num_sampled, bool), state, keys, context)
-    client_controls = None
-    if control_variates:
-      sums, client_controls = sums
-    return _server_update(spec, state, sums, num_sampled, keys, context, num_clients, client_controls)
+    sums, client_side = sums if per_client else (sums, (None, None))
+    return _server_update(spec, state, sums, num_sampled, keys, context, num_clients, *client_side)
 
   def server_update(state: ServerState, sums: _UpdateSums, num_sampled: int, context: Any = None,
                     num_clients: int | None = None):
@@ -242,25 +251,18 @@ def scaffold(task: Task, client_optimizer: optax.GradientTransformation, **fedav
   return fedavg(task, client_optimizer, control_variates=True, **fedavg_kwargs)
 
 
-def _initial_controls(params: PyTree, num_clients: int | None, client_controls: bool) -> dict:
-  """SCAFFOLD's variates at zero: the server's, and unless a deployment's sites keep them, every client's."""
-  controls = {"server": jax.tree_util.tree_map(jnp.zeros_like, params)}
-  if client_controls:
-    if num_clients is None or num_clients < 1:
-      raise ValueError(f"SCAFFOLD keeps a control variate per client: init(..., num_clients=C) needs the "
-                       f"number of clients, got {num_clients}")
-    controls["clients"] = jax.tree_util.tree_map(lambda p: jnp.zeros((num_clients,) + p.shape, p.dtype), params)
-  return controls
-
-
-def _check_controls(state: ServerState, num_clients: int) -> None:
-  if state.controls is None or "clients" not in state.controls:
-    held = "no control variates" if state.controls is None else "the server's control variate only (a deployment's)"
-    raise ValueError(f"SCAFFOLD's round needs a state from its own init(..., num_clients=C); this one has {held}")
-  held = jax.tree_util.tree_leaves(state.controls["clients"])[0].shape[0]
-  if held != num_clients:
-    raise ValueError(f"the state holds control variates for {held} clients but the round was given "
-                     f"{num_clients}; init with num_clients={num_clients}")
+def _check_per_client_state(spec: _RoundSpec, state: ServerState, clients) -> bool:
+  """Whether the round carries per-client state (SCAFFOLD's variates, site-local variables), checked against the
+  clients it is given."""
+  if spec.control_variates:
+    check_controls(state, clients.num_clients)
+  if spec.site_local is not None:
+    check_sites(state, clients.num_clients)
+  per_client = spec.control_variates or spec.site_local is not None
+  if per_client and isinstance(clients, ShardedClientData):
+    raise ValueError("SCAFFOLD and site-local variables are not available with the client axis sharded over "
+                     "devices yet; run them on one device (drop --shard-clients)")
+  return per_client
 
 
 def _update_sums(spec: _RoundSpec, clients: ClientData, rows: jax.Array, ids: jax.Array, valid: jax.Array,
@@ -290,65 +292,68 @@ def _update_sums(spec: _RoundSpec, clients: ClientData, rows: jax.Array, ids: ja
   def train_one(row, client_id):
     data = jax.tree_util.tree_map(lambda x: x[row], clients.data)
     client_rng = jax.random.fold_in(keys.train, client_id)
+    params, model_state = state.params, state.model_state
+    if spec.site_local is not None:
+      params, model_state = site_variables(spec.site_local, state.sites, client_id, params, model_state)
     if not spec.control_variates:
-      return (*client_update(spec.task, spec.client_optimizer, spec.local, state.params, state.model_state, data,
+      return (*client_update(spec.task, spec.client_optimizer, spec.local, params, model_state, data,
                              clients.num_samples[row], client_rng, context, lr_factor=lr_factor), ())
     own = jax.tree_util.tree_map(lambda c: c[client_id], state.controls["clients"])
     correction = jax.tree_util.tree_map(jnp.subtract, state.controls["server"], own)
-    return corrected_client_update(spec.task, spec.client_optimizer, spec.local, state.params, state.model_state,
+    return corrected_client_update(spec.task, spec.client_optimizer, spec.local, params, model_state,
                                    data, clients.num_samples[row], client_rng, context, correction,
                                    lr_factor=lr_factor)
 
   def train_chunk(carry, chunk_xs):
-    sums, client_controls = carry
+    sums, (client_controls, sites) = carry
     chunk_rows, chunk_ids, w, chunk_accepted = chunk_xs
     params_k, model_state_k, loss_k, controls_k = jax.vmap(train_one)(chunk_rows, chunk_ids)
-    delta_k = jax.tree_util.tree_map(lambda p, g: p - g, params_k, state.params)
+    if spec.site_local is None:
+      delta_k = jax.tree_util.tree_map(lambda p, g: p - g, params_k, state.params)
+    else:
+      delta_k = jax.vmap(lambda p: shared_delta(spec.site_local, p, state.params))(params_k)
+      sites = scatter_sites(spec.site_local, sites, chunk_ids, chunk_accepted, params_k, model_state_k)
     if spec.update_transform is not None:
       delta_k = jax.vmap(lambda d, i: spec.update_transform(d, jax.random.fold_in(keys.transform, i), context))(
           delta_k, chunk_ids)
     sum_delta, sum_state, sum_loss, sum_control_delta = sums
     if spec.control_variates:
-      # An accepted client's variate becomes its mean gradient; a rejected or padding slot changes nothing.
-      # Padding slots scatter to an index past the end, which mode="drop" discards.
-      old_k = jax.tree_util.tree_map(lambda c: c[chunk_ids], client_controls)
-      gain = chunk_accepted.astype(jnp.float32)
-      control_delta_k = jax.tree_util.tree_map(
-          lambda new, old: (new - old) * gain.reshape((-1,) + (1,) * (new.ndim - 1)), controls_k, old_k)
-      sum_control_delta = jax.tree_util.tree_map(lambda s, d: s + jnp.sum(d, axis=0), sum_control_delta,
-                                                 control_delta_k)
-      targets = jnp.where(chunk_accepted, chunk_ids, num_all_clients)
-      client_controls = jax.tree_util.tree_map(lambda c, old, d: c.at[targets].set(old + d, mode="drop"),
-                                               client_controls, old_k, control_delta_k)
+      client_controls, chunk_control_delta = scatter_controls(client_controls, chunk_ids, chunk_accepted,
+                                                               controls_k)
+      sum_control_delta = jax.tree_util.tree_map(jnp.add, sum_control_delta, chunk_control_delta)
     sums = (jax.tree_util.tree_map(jnp.add, sum_delta, weighted_sum(delta_k, w)),
             jax.tree_util.tree_map(jnp.add, sum_state, weighted_sum(model_state_k, w)),
             sum_loss + jnp.dot(w, loss_k), sum_control_delta)
-    return (sums, client_controls), None
+    return (sums, (client_controls, sites)), None
 
   zeros = lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree)
   if spec.control_variates:
     client_controls, control_zero = state.controls["clients"], zeros(state.params)
-    num_all_clients = jax.tree_util.tree_leaves(client_controls)[0].shape[0]
   else:
     client_controls, control_zero = (), ()
+  sites = () if spec.site_local is None else state.sites
   init_sums = (zeros(state.params), zeros(state.model_state), jnp.float32(0.0), control_zero)
   as_chunks = lambda a: a.reshape(num_chunks, chunk)
-  ((sum_delta, sum_state, sum_loss, sum_control_delta), client_controls), _ = jax.lax.scan(
-      train_chunk, (init_sums, client_controls),
+  ((sum_delta, sum_state, sum_loss, sum_control_delta), (client_controls, sites)), _ = jax.lax.scan(
+      train_chunk, (init_sums, (client_controls, sites)),
       (as_chunks(rows), as_chunks(ids), as_chunks(weights), as_chunks(accepted)))
   sums = _UpdateSums(delta=sum_delta, model_state=sum_state, loss=sum_loss, weight=jnp.sum(weights),
                      num_accepted=jnp.sum(accepted).astype(jnp.int32),
                      control_delta=sum_control_delta if spec.control_variates else None)
-  return (sums, client_controls) if spec.control_variates else sums
+  if spec.control_variates or spec.site_local is not None:
+    return sums, (client_controls if spec.control_variates else None, sites if spec.site_local else None)
+  return sums
 
 
 def _server_update(spec: _RoundSpec, state: ServerState, sums: _UpdateSums, num_sampled: int, keys: RoundKeys,
-                   context: Any, num_clients: int | None = None, client_controls: PyTree = None):
+                   context: Any, num_clients: int | None = None, client_controls: PyTree = None,
+                   sites: PyTree = None):
   """The weighted mean update through the server optimizer; a round with no accepted update keeps the state.
 
   SCAFFOLD: the server variate moves by the accepted clients' summed change over all ``num_clients`` clients (the
   paper's ``|S|/N`` times the sample mean); the simulated round passes the clients' updated variates too
-  (``client_controls``), a deployment's sites keep theirs."""
+  (``client_controls``), a deployment's sites keep theirs. Site-local variables: the simulated round passes the
+  clients' trained rows (``sites``); the server's model state is the clients' average either way."""
   controls = state.controls
   if spec.control_variates:
     server_control = jax.tree_util.tree_map(lambda c, d: c + d / num_clients, controls["server"],
@@ -375,6 +380,7 @@ def _server_update(spec: _RoundSpec, state: ServerState, sums: _UpdateSums, num_
       rng=state.rng,
       key_version=state.key_version,
       controls=keep(controls, state.controls),
+      sites=state.sites if sites is None else sites,
   )
   metrics = {
       "train_loss": sums.loss / safe_total,

@@ -27,6 +27,11 @@ class LocalConfig:
   local_epochs: int = 1
   batch_size: int = 64
   prox_mu: float = 0.0  # FedProx: adds mu/2 ||w - w_global||^2 to each client's loss
+  # Fill a client's last, partial batch by wrapping around its epoch order (real rows only) instead of padding
+  # rows masked out of the loss: every batch a client trains on then holds real samples only, so batch
+  # statistics (BatchNorm without a mask, e.g. a CNN's) never see padding. Central training of the same model
+  # fills its last batch the same way.
+  wrap_last_batch: bool = False
 
   def __post_init__(self):
     if self.local_epochs < 1:
@@ -91,9 +96,16 @@ def _local_training(task, optimizer, config, params, model_state, data, num_samp
   epoch_rngs = jax.random.split(jax.random.fold_in(rng, 0), config.local_epochs)
   orders = jax.vmap(lambda r: epoch_order(r, num_samples, max_samples))(epoch_rngs)
   orders = jnp.pad(orders, ((0, 0), (0, slots - max_samples)))
-  batch_rows = orders.reshape(config.local_epochs * steps_per_epoch, batch_size)
   positions = jnp.arange(slots).reshape(steps_per_epoch, batch_size)
-  batch_masks = jnp.tile((positions < num_samples).astype(jnp.float32), (config.local_epochs, 1))
+  if config.wrap_last_batch:
+    # Slot i takes the real row at place i mod n of the epoch's order; batches past the client's own
+    # ceil(n / B) are inactive.
+    orders = orders[:, jnp.arange(slots) % jnp.maximum(num_samples, 1)]
+    used_slots = -(-num_samples // batch_size) * batch_size
+    batch_masks = jnp.tile((positions < used_slots).astype(jnp.float32), (config.local_epochs, 1))
+  else:
+    batch_masks = jnp.tile((positions < num_samples).astype(jnp.float32), (config.local_epochs, 1))
+  batch_rows = orders.reshape(config.local_epochs * steps_per_epoch, batch_size)
   # Keyed by (epoch, step within epoch), so the steps a client really takes get the
   # same keys whatever the padding adds at each epoch's end.
   step_base = jax.random.fold_in(rng, 1)

@@ -99,6 +99,9 @@ class MedMNISTData:
   source: str = ""
   source_kind: str = "medmnist-npz"
   details: dict = dataclasses.field(default_factory=dict)
+  # The site (hospital, scanner) each training image came from, where the data say so (an npz's
+  # train_sites); None otherwise. Federated runs can split the images by it.
+  train_sites: np.ndarray | None = None
 
   def split(self, name):
     return getattr(self, f"{name}_images"), getattr(self, f"{name}_labels")

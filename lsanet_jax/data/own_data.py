@@ -76,8 +76,21 @@ def load_own_data(path, size: int = 28, *, as_rgb: bool = False, task: str = "",
       x = np.repeat(x, 3, axis=-1)
     out[f"{split}_images"], out[f"{split}_labels"] = np.ascontiguousarray(x), labels[split]
   details = {"kind": kind, "path": str(path.absolute()), **details}
+  sites = check_sites(arrays.get("train_sites"), images["train"].shape[0], where) if kind == "npz" else None
   return MedMNISTData(flag=path.stem if kind == "npz" else path.name, task=resolved_task, n_classes=n_classes,
-                      source=str(path.absolute()), source_kind=kind, details=details, **out)
+                      source=str(path.absolute()), source_kind=kind, details=details, train_sites=sites, **out)
+
+
+def check_sites(sites, n_images: int, where: str) -> np.ndarray | None:
+  """An npz's optional train_sites: one site name or number per training image (lsanet-federated's
+  --partition sites)."""
+  if sites is None:
+    return None
+  sites = np.asarray(sites)
+  if sites.shape not in ((n_images,), (n_images, 1)) or sites.dtype.kind not in "iuUS":
+    raise OwnDataError(f"{where}: train_sites has shape {sites.shape} and dtype {sites.dtype}; give one site name "
+                       f"or integer per training image, shape ({n_images},)")
+  return sites.reshape(n_images).astype(str)
 
 
 # ----------------------------------------------------------------------------------------- npz files
