@@ -1,4 +1,5 @@
-"""Federated LSANet (`lsanet-federated`): one round under vmap equals a per-hospital loop in both BatchNorm modes,
+"""Federated LSANet (`lsanet-federated`): one round under vmap equals a per-hospital loop and the host-driven round
+in both BatchNorm modes,
 a resumed run equals an uninterrupted one, learning happens, and bad partitions meet one-line errors.
 
 The CNN is the plain VGG-16-BN at width 1/16 (the backbone that compiles fastest on CPU) on tiny 3-class data."""
@@ -13,6 +14,7 @@ import pytest
 from cli_cases import entries, exit_status, one_line_error
 from infl_jax.federated import client_update, stack_clients
 from infl_jax.federated.engine import fedavg
+from infl_jax.federated.host_round import host_round
 from infl_jax.federated.local import LocalConfig
 from infl_jax.federated.site_local import site_variables
 from lsanet_jax import train as central
@@ -56,9 +58,10 @@ def test_vmapped_round_equals_a_loop_over_hospitals(batch_norm):
   model, variables = _model_and_variables()
   task = lsanet_task(model, "multi-class", dynamic_weights=False, synergy=False, augment=False)
   site_local = batch_norm_site_local(variables) if batch_norm == "fedbn" else None
-  # SGD: Adam's first steps move a parameter by about lr whatever its gradient's size, so a gradient at rounding
-  # level (vmapped and lone convolutions sum in other orders) could flip a step's sign.
-  optimizer = optax.sgd(0.01)
+  # SGD with a small step: vmapped (grouped), scanned and lone convolutions sum in other orders, and the last
+  # stage's BatchNorm (1x1 maps, 4 images) magnifies rounding: at lr 0.01 two rounds drift 3e-4 apart, at 1e-3
+  # 1e-5. Adam would be worse: its first steps move a parameter by about lr whatever its gradient's size.
+  optimizer = optax.sgd(1e-3)
   sizes = (5, 11, 8)  # unequal: padding, a wrapped last batch and an extra step for the largest
   hospitals = [dict(zip(("images", "labels"), class_images(3, n, seed=10 + k))) for k, n in enumerate(sizes)]
   hospitals = [jax.tree_util.tree_map(lambda x, n=n: x[:n], h) for h, n in zip(hospitals, sizes)]
@@ -66,7 +69,12 @@ def test_vmapped_round_equals_a_loop_over_hospitals(batch_norm):
   state = algorithm.init(variables, jax.random.key(3), num_clients=len(sizes))
   # A first round makes the hospitals' own BatchNorm layers differ, so the second one tests the gather too.
   state, _ = jax.jit(algorithm.round)(state, stack_clients(hospitals), None)
-  new_state, _ = jax.jit(algorithm.round)(state, stack_clients(hospitals), None)
+  new_state, metrics = jax.jit(algorithm.round)(state, stack_clients(hospitals), None)
+  # The host-driven round (the CPU default of lsanet-federated) computes the same round.
+  host_state, host_metrics = host_round(algorithm)(state, stack_clients(hospitals), None)
+  for got, want in zip(jax.tree_util.tree_leaves((host_state, host_metrics)),
+                       jax.tree_util.tree_leaves((new_state, metrics))):
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
   train_rng = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.round))[1]
   local = LocalConfig(local_epochs=2, batch_size=4, wrap_last_batch=True)

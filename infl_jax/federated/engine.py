@@ -99,6 +99,14 @@ def round_keys(state: ServerState) -> RoundKeys:
                    noise=jax.random.fold_in(round_rng, _NOISE_STREAM))
 
 
+def sample_clients(keys: RoundKeys, num_clients: int, client_fraction: float) -> jax.Array:
+  """The round's clients: ``max(1, round(fraction * C))`` drawn without replacement, in increasing order."""
+  num_sampled = max(1, round(client_fraction * num_clients))
+  if num_sampled < num_clients:
+    return jnp.sort(jax.random.choice(keys.sample, num_clients, (num_sampled,), replace=False))
+  return jnp.arange(num_clients)
+
+
 class _UpdateSums(NamedTuple):
   """Weighted sums over a set of clients; sums over disjoint sets add up (the sharded round psums them)."""
 
@@ -120,6 +128,7 @@ class FederatedAlgorithm(NamedTuple):
   # gathered elsewhere (a deployment's sites); the aggregation and server optimizer of ``round``, so both give the
   # same server state. SCAFFOLD needs ``sums.control_delta`` and the federation's ``num_clients``.
   server_update: Callable[..., tuple[ServerState, dict]] | None = None
+  spec: Any = None  # the static settings ``round`` closes over (``host_round.py`` drives the same round from Python)
 
 
 def server_optimizer(name: str = "fedavg", learning_rate: float | None = None) -> optax.GradientTransformation:
@@ -221,12 +230,9 @@ def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
 
   def round_fn(state: ServerState, clients: ClientData | ShardedClientData, context: Any = None):
     num_clients = clients.num_clients
-    num_sampled = max(1, round(client_fraction * num_clients))
     keys = round_keys(state)
-    if num_sampled < num_clients:
-      sampled = jnp.sort(jax.random.choice(keys.sample, num_clients, (num_sampled,), replace=False))
-    else:
-      sampled = jnp.arange(num_clients)
+    sampled = sample_clients(keys, num_clients, client_fraction)
+    num_sampled = sampled.shape[0]
     per_client = _check_per_client_state(spec, state, clients)
     if isinstance(clients, ShardedClientData):
       sums = sharded_update_sums(update_sums, clients, sampled, state, keys, context)
@@ -242,7 +248,7 @@ def fedavg(task: Task, client_optimizer: optax.GradientTransformation, *,
                        "clients: pass sums.control_delta and num_clients")
     return _server_update(spec, state, sums, num_sampled, round_keys(state), context, num_clients)
 
-  return FederatedAlgorithm(init=init, round=round_fn, server_update=server_update)
+  return FederatedAlgorithm(init=init, round=round_fn, server_update=server_update, spec=spec)
 
 
 def scaffold(task: Task, client_optimizer: optax.GradientTransformation, **fedavg_kwargs) -> FederatedAlgorithm:
@@ -252,8 +258,7 @@ def scaffold(task: Task, client_optimizer: optax.GradientTransformation, **fedav
 
 
 def _check_per_client_state(spec: _RoundSpec, state: ServerState, clients) -> bool:
-  """Whether the round carries per-client state (SCAFFOLD's variates, site-local variables), checked against the
-  clients it is given."""
+  """Whether the round carries per-client state (SCAFFOLD's, site-local), checked against its clients."""
   if spec.control_variates:
     check_controls(state, clients.num_clients)
   if spec.site_local is not None:

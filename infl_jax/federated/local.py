@@ -8,8 +8,9 @@ and optimizer state untouched, so a padded client trains exactly as it would alo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -86,9 +87,17 @@ def corrected_client_update(task: Task, optimizer: optax.GradientTransformation,
                          correction=correction)
 
 
-def _local_training(task, optimizer, config, params, model_state, data, num_samples, rng, context, lr_factor,
-                    correction):
-  max_samples = jax.tree_util.tree_leaves(data)[0].shape[0]
+class LocalPlan(NamedTuple):
+  """A client's local steps, fixed before it trains: each step's rows of its (padded) data, the rows' mask and
+  the step's PRNG key; a step whose mask is all zero is inactive."""
+
+  rows: jax.Array  # int [steps, B]
+  masks: jax.Array  # float32 [steps, B]
+  rngs: jax.Array  # PRNG keys [steps]
+
+
+def local_plan(config: LocalConfig, rng: jax.Array, num_samples: jax.Array, max_samples: int) -> LocalPlan:
+  """Every epoch's shuffled batches of a client holding ``num_samples`` real rows of ``max_samples``."""
   batch_size = min(config.batch_size, max_samples)
   steps_per_epoch = math.ceil(max_samples / batch_size)
   slots = steps_per_epoch * batch_size
@@ -112,8 +121,16 @@ def _local_training(task, optimizer, config, params, model_state, data, num_samp
   step_rngs = jax.vmap(lambda e: jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(step_base, e), s))(
       jnp.arange(steps_per_epoch)))(jnp.arange(config.local_epochs))
   step_rngs = step_rngs.reshape((config.local_epochs * steps_per_epoch,) + step_rngs.shape[2:])
+  return LocalPlan(rows=batch_rows, masks=batch_masks, rngs=step_rngs)
 
-  anchor = params
+
+def local_step(task: Task, optimizer: optax.GradientTransformation, config: LocalConfig, data: PyTree,
+               anchor: PyTree, context: Any, lr_factor, correction, carry, xs):
+  """One step of local training: ``carry = (params, model_state, opt_state, gradient sum)``, ``xs = (rows, mask,
+  rng)`` of the plan; an inactive step (mask all zero) leaves the carry as it was. Returns (carry, (loss,
+  active))."""
+  p, state, opt_state, grad_sum = carry
+  rows, mask, step_rng = xs
 
   def objective(p, state, batch, mask, step_rng):
     loss, new_state = task.loss(p, state, batch, mask, step_rng, context)
@@ -121,27 +138,29 @@ def _local_training(task, optimizer, config, params, model_state, data, num_samp
       loss = loss + _prox_term(p, anchor, config.prox_mu)
     return loss, new_state
 
-  def step(carry, xs):
-    p, state, opt_state, grad_sum = carry
-    rows, mask, step_rng = xs
-    batch = jax.tree_util.tree_map(lambda x: x[rows], data)
-    (loss, new_state), grads = jax.value_and_grad(objective, has_aux=True)(p, state, batch, mask, step_rng)
-    active = jnp.any(mask > 0)
-    if correction is not None:
-      grad_sum = jax.tree_util.tree_map(lambda s, g: s + jnp.where(active, g, 0.0), grad_sum, grads)
-      grads = jax.tree_util.tree_map(jnp.add, grads, correction)
-    updates, new_opt_state = optimizer.update(grads, opt_state, p)
-    updates = jax.tree_util.tree_map(lambda u: u * lr_factor, updates)
-    new_p = optax.apply_updates(p, updates)
-    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new, old)
-    carry = (keep(new_p, p), keep(new_state, state), keep(new_opt_state, opt_state), grad_sum)
-    return carry, (jnp.where(active, loss, 0.0), active)
+  batch = jax.tree_util.tree_map(lambda x: x[rows], data)
+  (loss, new_state), grads = jax.value_and_grad(objective, has_aux=True)(p, state, batch, mask, step_rng)
+  active = jnp.any(mask > 0)
+  if correction is not None:
+    grad_sum = jax.tree_util.tree_map(lambda s, g: s + jnp.where(active, g, 0.0), grad_sum, grads)
+    grads = jax.tree_util.tree_map(jnp.add, grads, correction)
+  updates, new_opt_state = optimizer.update(grads, opt_state, p)
+  updates = jax.tree_util.tree_map(lambda u: u * lr_factor, updates)
+  new_p = optax.apply_updates(p, updates)
+  keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new, old)
+  carry = (keep(new_p, p), keep(new_state, state), keep(new_opt_state, opt_state), grad_sum)
+  return carry, (jnp.where(active, loss, 0.0), active)
 
+
+def _local_training(task, optimizer, config, params, model_state, data, num_samples, rng, context, lr_factor,
+                    correction):
+  max_samples = jax.tree_util.tree_leaves(data)[0].shape[0]
+  plan = local_plan(config, rng, num_samples, max_samples)
+  step = functools.partial(local_step, task, optimizer, config, data, params, context, lr_factor, correction)
   # Without a correction the gradient sum is an empty tuple: nothing is carried or computed for it.
   grad_sum = () if correction is None else jax.tree_util.tree_map(jnp.zeros_like, params)
   init = (params, model_state, optimizer.init(params), grad_sum)
-  (params, model_state, _, grad_sum), (losses, active) = jax.lax.scan(step, init,
-                                                                      (batch_rows, batch_masks, step_rngs))
+  (params, model_state, _, grad_sum), (losses, active) = jax.lax.scan(step, init, tuple(plan))
   num_steps = jnp.maximum(jnp.sum(active), 1)
   mean_loss = jnp.sum(losses) / num_steps
   mean_grad = jax.tree_util.tree_map(lambda s: s / num_steps.astype(s.dtype), grad_sum)

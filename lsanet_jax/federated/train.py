@@ -24,6 +24,7 @@ import optax
 
 from infl_jax.federated.client_data import stack_clients
 from infl_jax.federated.engine import FederatedAlgorithm, ServerState, fedavg
+from infl_jax.federated.host_round import host_round
 from infl_jax.federated.loop import RoundsResult, RunDir, jit_round, run_rounds
 from infl_jax import keys as keylib
 from infl_jax.federated.site_local import SiteLocal, site_variables
@@ -36,7 +37,7 @@ from lsanet_jax.federated.config import FederatedConfig
 from lsanet_jax.federated.hospitals import Hospitals, split_hospitals
 from lsanet_jax.federated.keys import keyed_lsanet, load_or_create_key
 from lsanet_jax.federated.task import batch_norm_site_local, lsanet_task
-from lsanet_jax.steps import make_predict
+from lsanet_jax.steps import make_predict, resolve_epoch_loop
 
 __all__ = ["build_algorithm", "hospital_clients", "round_lr_factor", "train_and_evaluate"]
 
@@ -162,7 +163,9 @@ def train_and_evaluate(config: FederatedConfig, workdir, *, variant: str | None 
     return (stop_after_rounds is not None and done - first_round[0] + 1 >= stop_after_rounds
             and done < config.rounds)
 
-  result = run_rounds(jit_round(run.algorithm.round), run.state, hospital_clients(run.data, run.hospitals), coords,
+  round_fn = host_round(run.algorithm) if resolve_epoch_loop(config.epoch_loop) == "host" else \
+      jit_round(run.algorithm.round)
+  result = run_rounds(round_fn, run.state, hospital_clients(run.data, run.hospitals), coords,
                       rounds=config.rounds, run_dir=run_dir,
                       extra_metrics=_validation_hook(config, run.evaluate("val", coords), run.site_local,
                                                      num_hospitals),
