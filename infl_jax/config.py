@@ -13,7 +13,7 @@ from typing import Any
 
 from runkit.config import check_ranges, option, resume_fingerprint
 
-__all__ = ["FAITHFUL_BY_DEFAULT", "GENERIC", "GENERIC_N_CLIENTS", "PRESETS", "TrainConfig"]
+__all__ = ["FAITHFUL_BY_DEFAULT", "GENERIC", "GENERIC_N_CLIENTS", "NO_MIXING", "PRESETS", "TrainConfig"]
 
 # Reference settings (docs/design.md, "Data sets and presets") for the built-in data sets; any field
 # set on the command line wins over its preset.
@@ -30,6 +30,9 @@ _HARDENED = dict(key_scheme="hardened")
 # (docs/privacy.md, "Every task, both schemes"); it says so at run time.
 FAITHFUL_BY_DEFAULT = {"perturbation": "under hardened its key holder lost 0.024 +- 0.050 Pearson delta, paired "
                                        "over seeds 10-19 (7 of 10 worse)"}
+
+# The tasks whose inputs must stay one feature each, which the mixed scheme's blocks would mix.
+NO_MIXING = {"perturbation": "its gene graph and perturbation indices need each input to stay one gene"}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # lr 1e-3 and 80 rounds x 10 local epochs instead of the reference's 5e-4: with ~28 samples
@@ -146,8 +149,9 @@ class TrainConfig:
   key_version: int = option(1, "key version; updates under another version are rejected", group="key", minimum=0)
   key_scheme: str = option("hardened", "how the key enters the model: its coordinates only (faithful, the "
                            "published method), or also a key-derived secret permutation and sign flip of the input "
-                           "features, applied by the clients (hardened; docs/privacy.md)", group="key",
-                           choices=("faithful", "hardened"))
+                           "features, applied by the clients (hardened; docs/privacy.md), or a key-derived "
+                           "orthogonal mixing of the features within random blocks of 16 (mixed: not the "
+                           "perturbation task)", group="key", choices=("faithful", "hardened", "mixed"))
   key_fingerprint: str | None = option(None, "fingerprint of the run's key (SecretKey.fingerprint), set from the key "
                                        "itself: a resumed run must use the same key", group="key", cli=False)
   # federated
@@ -230,6 +234,9 @@ class TrainConfig:
   def validate(self) -> "TrainConfig":
     """Raises ValueError naming the flag of an out-of-range setting."""
     check_ranges(self)
+    if self.key_scheme == "mixed" and self.task in NO_MIXING:
+      raise ValueError(f"--key-scheme mixed is not available for --task {self.task}: {NO_MIXING[self.task]}; choose "
+                       "--key-scheme hardened or faithful")
     if self.drift_correction == "scaffold" and self.shard_clients:
       raise ValueError("--drift-correction scaffold does not run with --shard-clients yet (each device would need "
                        "its clients' control variates); drop one of them")

@@ -5,13 +5,14 @@
         --classes-per-client 2
     python scripts/infl_seed_study.py --seeds 0 1 2 3 4 --compare-schemes -- --dataset proteomics
     python scripts/infl_seed_study.py --seeds 0 1 2 3 4 --compare-schemes -- --dataset spatial
+    python scripts/infl_seed_study.py --seeds 0 1 2 3 4 --compare-schemes --schemes hardened mixed -- --dataset pbmc
     python scripts/infl_seed_study.py --seeds 0 --key-seeds 100 101 102 103 104 -- --dataset proteomics
 
 Everything after ``--`` is infl-train's flags (without --workdir and --seed; the seed sets the split,
 the partition, the initialisation, the training and the key). Prints one JSON line per seed, then one
 with mean, std (ddof 1) and the per-seed values. ``--compare-schemes`` runs every seed under both key
-schemes (``--key-scheme faithful`` and ``hardened``, the same key) and adds the paired difference of
-the right-key figures. ``--key-seeds K...`` keeps each seed's split, initialisation and training randomness
+schemes (``--key-scheme faithful`` and ``hardened``, the same key; ``--schemes A B`` picks two others, e.g.
+``hardened mixed``) and adds the paired difference of the right-key figures (``B_minus_A_right_key``). ``--key-seeds K...`` keeps each seed's split, initialisation and training randomness
 and varies the key instead (one row per seed and key seed): under the hardened scheme the key also scrambles
 the inputs, so a seed's figure depends on it, and README command (a), which runs seed 0 with a fresh random
 key each time, prints a draw from that spread. ``--adaptive-samples N`` (classification) adds ``adaptive_nN``: the test accuracy of
@@ -175,14 +176,15 @@ def key_study(train_flags: list[str], seed: int, adaptive_samples: int | None = 
 
 
 def compare_schemes(train_flags: list[str], seed: int, adaptive_samples: int | None = None,
-                    key_seed: int | None = None) -> dict:
-  """The key study under the faithful and under the hardened key scheme, same seed and key: a paired row."""
+                    key_seed: int | None = None, schemes: tuple[str, str] = ("faithful", "hardened")) -> dict:
+  """The key study under two key schemes (by default faithful, then hardened), same seed and key: a paired row."""
+  first, second = schemes
   rows = {scheme: key_study([*train_flags, "--key-scheme", scheme], seed, adaptive_samples, key_seed)
-          for scheme in ("faithful", "hardened")}
+          for scheme in schemes}
   row = {f"{scheme}_{name}": value for scheme, r in rows.items() for name, value in r.items()
          if name != "evaluated_round" and not scheme_independent(name)}
-  row.update({name: value for name, value in rows["faithful"].items() if scheme_independent(name)})
-  row["hardened_minus_faithful_right_key"] = rows["hardened"]["right_key"] - rows["faithful"]["right_key"]
+  row.update({name: value for name, value in rows[first].items() if scheme_independent(name)})
+  row[f"{second}_minus_{first}_right_key"] = rows[second]["right_key"] - rows[first]["right_key"]
   return row
 
 
@@ -191,6 +193,9 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
   p.add_argument("--compare-schemes", action="store_true",
                  help="run each seed under --key-scheme faithful and hardened (same key) and report the paired difference")
+  p.add_argument("--schemes", nargs=2, metavar=("A", "B"), default=["faithful", "hardened"],
+                 choices=("faithful", "hardened", "mixed"),
+                 help="the two key schemes --compare-schemes runs (default: faithful hardened)")
   p.add_argument("--adaptive-samples", type=int, metavar="N",
                  help="also score the adaptive attacker that fits the key vector on N labelled validation samples "
                       "(classification; off by default)")
@@ -200,11 +205,11 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("train_flags", nargs=argparse.REMAINDER, help="infl-train flags, after --")
   args = p.parse_args(argv)
   train_flags = [f for f in args.train_flags if f != "--"] or ["--dataset", "proteomics"]
-  study = compare_schemes if args.compare_schemes else key_study
   rows = []
   for seed in args.seeds:
     for key_seed in args.key_seeds or [None]:
-      rows.append(study(train_flags, seed, args.adaptive_samples, key_seed))
+      rows.append(compare_schemes(train_flags, seed, args.adaptive_samples, key_seed, tuple(args.schemes))
+                  if args.compare_schemes else key_study(train_flags, seed, args.adaptive_samples, key_seed))
       print(json.dumps({"seed": seed, **({} if key_seed is None else {"key_seed": key_seed}), **rows[-1]}),
             flush=True)
   print(json.dumps(seed_summary(rows)))

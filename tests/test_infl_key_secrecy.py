@@ -137,7 +137,7 @@ def test_no_file_of_the_run_but_the_key_file_holds_or_rebuilds_the_key(trained_r
 
 def test_wrong_keys_are_guesses_from_the_run_seed_not_from_the_key():
   a, b = keylib.generate_key(), keylib.generate_key()
-  for scheme in ("faithful", "hardened"):
+  for scheme in ("faithful", "hardened", "mixed"):
     guess = lambda key, seed, name: study_views(key, scheme, 6, seed=seed)[name]
     for name in ("wrong_key_same_mode", "wrong_key_other_mode"):
       # The same guess whatever the key: nothing of the key's material goes into it, nor into its scramble.

@@ -34,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from infl_jax import keys as keylib
-from infl_jax.config import FAITHFUL_BY_DEFAULT, TrainConfig
+from infl_jax.config import FAITHFUL_BY_DEFAULT, NO_MIXING, TrainConfig
 from infl_jax.federated import Task, algorithm_from_config, global_variables, stack_clients
-from infl_jax.key_scheme import KeyView, client_view, study_views, unscramble
+from infl_jax.key_scheme import InputScrambler, KeyView, client_view, study_views, unscramble
 from infl_jax.keyed import keyed
 from infl_jax.tasks.common import (check_key_version, stopped_early, train_federated,
                                    training_record, write_h5ad, write_summary)
@@ -227,6 +227,8 @@ def client_data_view(data, view: KeyView):
   scrambled order, so a perturbation's gene indices point where its genes now sit; unchanged otherwise."""
   if view.scramblers is None:
     return data
+  if not isinstance(view.scramblers[""], InputScrambler):  # TrainConfig.validate refuses it for the CLI
+    raise UserInputError(f"--key-scheme mixed is not available for --task perturbation: {NO_MIXING['perturbation']}")
   order = view.scramblers[""].permutation
   return dataclasses.replace(data, gene_names=[data.gene_names[i] for i in order], control=view.inputs(data.control),
                              cells={cond: view.inputs(cells) for cond, cells in data.cells.items()})
