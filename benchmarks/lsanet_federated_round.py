@@ -12,6 +12,8 @@ not depend on the values), batch 32, Adam, FedAvg of parameters and BatchNorm st
   vmap      ``jax.jit(algorithm.round)``: hospitals vmapped (``--chunk`` at a time, scanned), data on device.
   jit_loop  ``jax.jit`` of one hospital's ``client_update`` called in a Python loop over the hospitals (the
             weighted sum of updates added on device), the way a per-client framework runs a round.
+  host      ``infl_jax.federated.host_round``: the same round, each hospital's local steps one jitted step at a
+            time (what ``lsanet-federated`` runs on CPU).
 
 Each is compiled and run once untimed, then timed ``--repeats`` times (median seconds, hospitals per second,
 and vmap's speed-up over the loop). ``--small``: width 1/16, the plain VGG-16-BN, 2 and 4 hospitals of 8 images.
@@ -36,6 +38,7 @@ from harness import environment, error_string, get_logger  # noqa: E402
 
 from infl_jax.federated import client_update, stack_clients  # noqa: E402
 from infl_jax.federated.engine import round_keys  # noqa: E402
+from infl_jax.federated.host_round import host_round  # noqa: E402
 from infl_jax.federated.local import LocalConfig  # noqa: E402
 from lsanet_jax import train as central  # noqa: E402
 from lsanet_jax.federated.config import FederatedConfig  # noqa: E402
@@ -80,7 +83,8 @@ def measure(config: FederatedConfig, count: int, images: int, repeats: int) -> d
   optimizer = optax.adam(config.learning_rate)
   local = LocalConfig(local_epochs=config.epochs, batch_size=config.batch_size, wrap_last_batch=True)
   update = jax.jit(lambda p, s, d, n, r: client_update(spec_task, optimizer, local, p, s, d, n, r, None))
-  add = jax.jit(lambda acc, p, w: jax.tree_util.tree_map(lambda a, x, g: a + w * (x - g), acc, p, state.params))
+  # The global parameters are an argument, not constants compiled into the program.
+  add = jax.jit(lambda acc, p, g, w: jax.tree_util.tree_map(lambda a, x, g0: a + w * (x - g0), acc, p, g))
 
   def loop():
     train = round_keys(state).train
@@ -88,12 +92,16 @@ def measure(config: FederatedConfig, count: int, images: int, repeats: int) -> d
     for k in range(count):
       data = jax.tree_util.tree_map(lambda x: x[k], clients.data)
       params, _, _ = update(state.params, state.model_state, data, clients.num_samples[k], jax.random.fold_in(train, k))
-      total = add(total, params, 1.0 / count)
+      total = add(total, params, state.params, 1.0 / count)
     return total
 
   out["jit_loop_s"] = timed(loop, repeats)
+  # What lsanet-federated runs on CPU: the same round with each hospital's steps driven from Python.
+  stepped = host_round(algorithm)
+  out["host_round_s"] = timed(lambda: stepped(state, clients, None), repeats)
   out["vmap_hospitals_per_s"] = count / out["vmap_s"]
   out["vmap_speedup_over_loop"] = out["jit_loop_s"] / out["vmap_s"]
+  out["vmap_speedup_over_host_round"] = out["host_round_s"] / out["vmap_s"]
   return out
 
 

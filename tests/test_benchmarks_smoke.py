@@ -125,3 +125,4 @@ def test_lsanet_federated_round_benchmark_small(tmp_path):
   assert entry["hospitals"] == 2 and entry["images_per_hospital"] == 8
   assert entry["vmap_s"] > 0 and entry["jit_loop_s"] > 0
   assert entry["vmap_speedup_over_loop"] == pytest.approx(entry["jit_loop_s"] / entry["vmap_s"])
+  assert entry["vmap_speedup_over_host_round"] == pytest.approx(entry["host_round_s"] / entry["vmap_s"])

@@ -163,16 +163,34 @@ def test_bad_partitions_meet_one_line_errors(capsys, tmp_path, extra, needles):
   assert not workdir.exists() or entries(workdir) == []
 
 
-def test_keyed_run_keeps_the_key_in_its_file_only(npz, tmp_path):
+@pytest.fixture
+def compilation_cache_in(tmp_path, monkeypatch):
+  """The runs' compilation cache in a folder of the test's (the programs the cache writes are searched too);
+  JAX's cache settings restored afterwards."""
+  from jax.experimental.compilation_cache import compilation_cache
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+          "jax_persistent_cache_min_entry_size_bytes")
+  saved = {k: getattr(jax.config, k) for k in keys}
+  folder = tmp_path / "xla_cache"
+  monkeypatch.setenv("INFL_JAX_CACHE_DIR", str(folder))
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield folder
+  for k, v in saved.items():
+    jax.config.update(k, v)
+  compilation_cache.reset_cache()
+
+
+def test_keyed_run_keeps_the_key_in_its_file_only(npz, tmp_path, compilation_cache_in):
   from infl_jax import keys as keylib
   workdir = tmp_path / "k"
-  run = [*SMALL, "--data", str(npz), "--n-clients", "2", "--partition", "iid", "--rounds", "2",
-         "--key-scheme", "faithful", "--workdir", str(workdir)]
+  run = [*[a for a in SMALL if a != "--no-compile-cache"], "--data", str(npz), "--n-clients", "2", "--partition",
+         "iid", "--rounds", "2", "--key-scheme", "faithful", "--workdir", str(workdir)]
   assert main([*run, "--stop-after-rounds", "1"]) == 0
   key_file = workdir / "client_secret.key"
   assert key_file.stat().st_mode & 0o077 == 0  # owner-only
   key = keylib.load_key(key_file)
   assert main([*run, "--resume"]) == 0
+  assert any(p.is_file() for p in compilation_cache_in.rglob("*"))  # the cache was written
   assert keylib.load_key(key_file).fingerprint == key.fingerprint  # read back, not remade
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["key"]["fingerprint"] == key.fingerprint
@@ -180,7 +198,7 @@ def test_keyed_run_keeps_the_key_in_its_file_only(npz, tmp_path):
   # Neither the coordinates' bytes (float32 or float64) nor their printed values are in any other file.
   needles = [np.asarray(key.coords, np.float32).tobytes()[:16], np.asarray(key.coords, np.float64).tobytes()[:16],
              f"{float(np.ravel(key.coords)[0]):.6f}".encode()]
-  for path in workdir.rglob("*"):
+  for path in [*workdir.rglob("*"), *compilation_cache_in.rglob("*")]:
     if path.is_file() and path != key_file:
       data = path.read_bytes()
       assert not any(n in data for n in needles), path
@@ -197,3 +215,13 @@ def test_keyed_resume_without_its_key_file_is_refused(npz, tmp_path, capsys):
   assert exit_status(main, [*run, "--resume"]) == 2
   one_line_error(capsys, "client_secret.key", "--resume")
   assert entries(workdir) == before
+
+
+@pytest.mark.parametrize("rounds", range(1, 9))
+def test_round_step_schedule_is_central_trainings_per_epoch(rounds):
+  from lsanet_jax.config import TrainConfig
+  from lsanet_jax.federated.train import round_lr_factor
+  central_schedule = central.learning_rate_schedule(TrainConfig(epochs=rounds, learning_rate=1.0), 1)
+  factor = round_lr_factor(rounds)
+  np.testing.assert_allclose([float(factor(r)) for r in range(rounds)],
+                             [float(central_schedule(r)) for r in range(rounds)], rtol=1e-6)

@@ -346,7 +346,8 @@ def _update_sums(spec: _RoundSpec, clients: ClientData, rows: jax.Array, ids: ja
                      num_accepted=jnp.sum(accepted).astype(jnp.int32),
                      control_delta=sum_control_delta if spec.control_variates else None)
   if spec.control_variates or spec.site_local is not None:
-    return sums, (client_controls if spec.control_variates else None, sites if spec.site_local else None)
+    return sums, (client_controls if spec.control_variates else None,
+                  sites if spec.site_local is not None else None)
   return sums
 
 

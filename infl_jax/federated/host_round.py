@@ -2,7 +2,7 @@
 
 The same round (sampling, PRNG streams, local plan and steps, weights, key versions, site-local variables, the
 server update) for backends where a compiled loop of steps runs slowly: on XLA:CPU a convolution's gradient inside
-``lax.scan`` runs about 11x slower than in a lone jitted step (docs/design.md, "Federated LSANet"). One local step
+``lax.scan`` runs several times slower than in a lone jitted step (docs/design.md, "Federated LSANet"). One local step
 is jitted once (every client's data keep their padded shape) and called for each sampled client's active steps;
 the sums go through the algorithm's ``server_update``, as a deployment's do. It is not for accelerators, where
 ``round`` is one compiled program. SCAFFOLD and the privacy hooks are refused here: they run in ``round``.
@@ -27,9 +27,8 @@ __all__ = ["host_round"]
 PyTree = Any
 
 
-@functools.lru_cache(maxsize=8)
 def _programs(spec, server_update: Callable) -> dict:
-  """The round's jitted pieces, compiled once per algorithm."""
+  """The round's jitted pieces (each compiled at its first call, once per run)."""
   site_local = spec.site_local
 
   def start(state, client_id):
@@ -71,14 +70,14 @@ def _train_client(programs: dict, state: ServerState, clients: ClientData, k: in
 
 def host_round(algorithm: FederatedAlgorithm) -> Callable:
   """``algorithm.round`` as a Python function of (state, clients, context) -> (state, metrics)."""
-  return functools.partial(_run_host_round, algorithm.spec, algorithm.server_update)
-
-
-def _run_host_round(spec, server_update: Callable, state: ServerState, clients: ClientData, context: Any = None):
+  spec = algorithm.spec
   if spec.control_variates or spec.update_transform is not None or spec.aggregate_noise is not None:
     raise ValueError("the host-driven round runs FedAvg and its relatives, with site-local variables; SCAFFOLD and "
                      "the privacy hooks run in the compiled round")
-  programs = _programs(spec, server_update)
+  return functools.partial(_run_host_round, spec, _programs(spec, algorithm.server_update))
+
+
+def _run_host_round(spec, programs: dict, state: ServerState, clients: ClientData, context: Any = None):
   keys = round_keys(state)
   sampled = np.asarray(sample_clients(keys, clients.num_clients, spec.client_fraction))
   lr_factor = jnp.float32(1.0 if spec.client_lr_schedule is None else spec.client_lr_schedule(state.round))

@@ -57,6 +57,7 @@ class RunDir(NamedTuple):
   fingerprint: dict | None = None  # settings a resume must match (runkit.config.resume_fingerprint)
   fingerprint_defaults: dict | None = None
   resume: bool = False
+  learning_rate_flag: str = "--learning-rate"  # the CLI's name for the step size, in the divergence message
 
   def checkpointer(self) -> Checkpointer:
     return Checkpointer(pathlib.Path(self.workdir) / CHECKPOINT_SUBDIR, save_every=self.checkpoint_every,
@@ -97,7 +98,8 @@ def _check_finite(row: dict, done: int, run_dir: RunDir | None, checkpointer: Ch
   kept = ""
   if checkpointer is not None and checkpointer.latest_step() is not None:
     kept = f"; the last good checkpoint (round {checkpointer.latest_step()}) is kept in {run_dir.workdir}"
-  raise TrainingDiverged(f"training diverged in round {done} (train loss {loss}){kept}; lower --learning-rate "
+  flag = run_dir.learning_rate_flag if run_dir is not None else RunDir.learning_rate_flag
+  raise TrainingDiverged(f"training diverged in round {done} (train loss {loss}){kept}; lower {flag} "
                          "and start again in a new --workdir")
 
 

@@ -2,7 +2,7 @@
 
 FedBN (Li et al. 2021) keeps every BatchNorm layer's affine parameters and statistics at the site, the variant
 recommended when sites' inputs differ in distribution (scanners, stains, protocols); FedPer-style personal heads
-are the same mechanism with another split. docs/design.md, "Site-local variables".
+are the same mechanism with another split. docs/design.md, "Federated LSANet".
 
 In a simulation the clients' own variables sit in ``ServerState.sites`` with a leading client axis, so one jitted
 round can gather the sampled clients' rows and scatter the trained ones back (as SCAFFOLD's ``c_i``); the server

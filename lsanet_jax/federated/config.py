@@ -4,7 +4,8 @@ the hospitals train together (docs/design.md, "Federated LSANet").
 The model, data, label and seed settings are ``lsanet_jax.config.TrainConfig``'s, with the same flags and the same
 meaning, so a central and a federated run of one model differ only in the settings below. The flags shared with
 ``infl-train`` (``--n-clients``, ``--partition``, ``--alpha``, ``--classes-per-client``, ``--rounds``,
-``--local-epochs``, ``--client-fraction``) mean what they mean there; a client is a hospital.
+``--local-epochs``, ``--client-fraction``) mean what they mean there (``--n-clients`` defaults to 10 hospitals, or
+one per site with ``--partition sites``); a client is a hospital.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ PARTITIONS = ("iid", "dirichlet", "label-skew", "sites")
 # parameters and statistics (FedBN, Li et al. 2021).
 BATCH_NORM_MODES = ("fedavg", "fedbn")
 _NOT_FEDERATED = "not a setting of a federated run"
+DEFAULT_HOSPITALS = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +43,12 @@ class FederatedConfig(TrainConfig):
   # Both loops compute the same round (up to summation order), so a run may resume with the other.
   epoch_loop: str = option("auto", "one jit-compiled round (scan), or each hospital's local steps driven from "
                            "Python, one jitted step at a time (host); auto: scan except on CPU, where XLA runs "
-                           "convolutions inside a compiled loop about 11x slower", flag="--round-loop",
+                           "convolutions inside a compiled loop several times slower", flag="--round-loop",
                            group="federated", choices=EPOCH_LOOPS, resume=False)
   data_parallel: bool = option(False, _NOT_FEDERATED, cli=False, resume=False)
-  n_clients: int = option(10, "hospitals the training images are split over (with --partition sites: 0 = one "
-                          "per site)", group="federated", minimum=0)
+  n_clients: int = option(0, "hospitals the training images are split over; with --partition sites, more than the "
+                          "sites splits the largest", group="federated", minimum=0,
+                          default_help="0 = 10, or one per site with --partition sites")
   partition: str = option("dirichlet", "how training images go to hospitals: IID, Dirichlet label skew (--alpha), "
                           "--classes-per-client classes each, or by the site column of your npz (train_sites)",
                           group="federated", choices=PARTITIONS)
@@ -56,15 +59,16 @@ class FederatedConfig(TrainConfig):
   client_label_fractions: tuple[float, ...] = option(
       (), "one labelled fraction per hospital, e.g. 0.1,0.1,1,... (each stratified within the hospital)",
       group="federated", default_help="--label-fraction at every hospital")
-  rounds: int = option(50, "federated rounds", group="federated", minimum=1, resume=False)
+  # Part of the resume check: the step drops fall at half and three quarters of --rounds.
+  rounds: int = option(50, "federated rounds", group="federated", minimum=1)
   client_fraction: float = option(1.0, "share of hospitals sampled each round", group="federated", above=0,
                                   maximum=1)
   batch_norm: str = option("fedavg", "BatchNorm across hospitals: averaged (fedavg) or kept at each hospital, "
                            "scale, bias and statistics (fedbn; for hospitals whose images differ in look)",
                            group="federated", choices=BATCH_NORM_MODES)
   # Chunks change the order of a sum only: a run may resume with another chunk size.
-  client_chunk_size: int = option(0, "hospitals trained at once (vmapped); more are scanned in chunks of this "
-                                  "size to bound memory", group="federated", minimum=0, resume=False,
+  client_chunk_size: int = option(0, "hospitals trained at once (vmapped) by --round-loop scan; more are scanned in "
+                                  "chunks of this size to bound memory", group="federated", minimum=0, resume=False,
                                   default_help="0 = all at once")
 
   key_scheme: str = option("none", "INFL's key on the CNN: none, or faithful (every Dense of the heads and LSA "
@@ -76,12 +80,15 @@ class FederatedConfig(TrainConfig):
   def validate(self) -> None:
     """TrainConfig's checks and the federated settings' (ValueError naming the flag and the fix)."""
     super().validate()
-    if self.partition != "sites" and self.n_clients < 1:
-      raise ValueError("--n-clients must be at least 1 (0 = one per site is for --partition sites)")
     if self.client_label_fractions:
       bad = [f for f in self.client_label_fractions if not 0 <= f <= 1]
       if bad:
         raise ValueError(f"--client-label-fractions holds {bad[0]}; each fraction is in [0, 1]")
-      if self.partition != "sites" and len(self.client_label_fractions) != self.n_clients:
+      if self.partition != "sites" and len(self.client_label_fractions) != self.hospitals:
         raise ValueError(f"--client-label-fractions gives {len(self.client_label_fractions)} fractions for "
-                         f"--n-clients {self.n_clients}; give one per hospital")
+                         f"{self.hospitals} hospitals (--n-clients); give one per hospital")
+
+  @property
+  def hospitals(self) -> int:
+    """The number of hospitals of a partition by label (--n-clients, 0 meaning 10)."""
+    return self.n_clients or DEFAULT_HOSPITALS

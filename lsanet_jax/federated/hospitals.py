@@ -45,12 +45,12 @@ def _assign(data: MedMNISTData, config: FederatedConfig, rng: np.random.Generato
     return partition_by_column(data.train_sites, config.n_clients or None, rng,
                                y=None if data.task == MULTI_LABEL else classes)
   if config.partition == "iid":
-    assignment = partition_iid(classes, config.n_clients, rng)
+    assignment = partition_iid(classes, config.hospitals, rng)
   elif config.partition == "dirichlet":
-    assignment = partition_dirichlet(classes, config.n_clients, config.alpha, rng)
+    assignment = partition_dirichlet(classes, config.hospitals, config.alpha, rng)
   else:
-    assignment = partition_label_skew(classes, config.n_clients, config.classes_per_client, rng)
-  return assignment, [f"hospital{k}" for k in range(config.n_clients)]
+    assignment = partition_label_skew(classes, config.hospitals, config.classes_per_client, rng)
+  return assignment, [f"hospital{k}" for k in range(config.hospitals)]
 
 
 def split_hospitals(data: MedMNISTData, config: FederatedConfig) -> Hospitals:

@@ -18,9 +18,8 @@ from infl_jax import keys as keylib
 from infl_jax.keyed import dense_call_order, keyed
 from runkit.errors import UserInputError
 
-__all__ = ["KEY_FILE_NAME", "KEY_SCHEMES", "keyed_lsanet", "load_or_create_key"]
+__all__ = ["KEY_FILE_NAME", "keyed_lsanet", "load_or_create_key"]
 
-KEY_SCHEMES = ("none", "faithful")
 KEY_FILE_NAME = "client_secret.key"
 _CLASSIFIERS = ("classifier",)  # the Dense layers that give logits: keyed, but no FiLM after them
 
@@ -40,7 +39,8 @@ def load_or_create_key(workdir: pathlib.Path, *, resume: bool) -> keylib.SecretK
   if resume:
     if not path.exists():
       raise UserInputError(f"--resume with --key-scheme faithful needs the run's key file {path}, which is "
-                           "missing: restore it, or start a new run in an empty --workdir")
+                           "missing: restore it (or, for a run made without a key, drop --key-scheme), or start a "
+                           "new run in an empty --workdir")
     return keylib.load_key(path)
   if path.exists():
     raise UserInputError(f"{path} already holds a key and is never overwritten; choose an empty --workdir")

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
 from infl_jax.federated.site_local import SiteLocal
 from infl_jax.federated.task import Task
+from runkit.errors import UserInputError
 
 from lsanet_jax.losses import lsanet_loss
 from lsanet_jax.models import LSANet
@@ -26,7 +26,8 @@ __all__ = ["batch_norm_site_local", "lsanet_task"]
 
 def lsanet_task(model: LSANet, task: str, *, dynamic_weights: bool, synergy: bool, augment: bool) -> Task:
   """The engine's ``Task`` of ``model``: ``batch`` is ``{"images": uint8 [B, H, W, C], "labels": [B, L]}``; the
-  round's context is the key's coordinates when ``model`` is keyed."""
+  round's context is the key's coordinates when ``model`` is keyed. Needs ``fedavg(..., wrap_last_batch=True)``:
+  the loss takes a batch as wholly real or wholly inactive, and BatchNorm takes no mask."""
 
   def loss(params, model_state, batch, mask, rng, context):
     # context: the key's coordinates for a keyed model (lsanet_jax.federated.keys), None otherwise.
@@ -47,8 +48,8 @@ def batch_norm_site_local(variables: dict) -> SiteLocal:
   stay at the hospital; every other parameter is averaged."""
   bn_modules = {path[:-1] for path in traverse_util.flatten_dict(variables.get("batch_stats", {}))}
   if not bn_modules:
-    raise ValueError("FedBN keeps BatchNorm layers at the hospitals, and this model has none: use --batch-norm "
-                     "fedavg")
+    raise UserInputError("FedBN keeps BatchNorm layers at the hospitals, and this model has none: use --batch-norm "
+                         "fedavg")
   is_local = lambda path: path[:-1] in bn_modules
 
   def split(params: Any):

@@ -2,7 +2,8 @@
 
 Everything a central run does, per round instead of per epoch: the same data routes, model, heads and losses
 (``lsanet_jax.train``, ``lsanet_jax.federated.task``); the rounds are the engine's ``fedavg`` (hospitals sampled,
-trained under ``vmap`` in one jitted round, updates averaged by sample count), driven by the one round loop
+trained under ``vmap`` in one jitted round, or on CPU step by step by ``host_round``, updates averaged by sample
+count), driven by the one round loop
 ``run_rounds`` (metrics.jsonl, orbax checkpoints, resume); validation every ``--eval-every`` rounds picks the round
 whose global model the test split scores. With ``--batch-norm fedbn`` each hospital keeps its BatchNorm layers,
 and a model is scored as the mean over the hospitals' own models (each hospital's BatchNorm with the shared rest).
@@ -33,6 +34,7 @@ from runkit.metrics_log import write_json_atomic
 
 from lsanet_jax import plots
 from lsanet_jax import train as central
+from lsanet_jax.data.medmnist import MULTI_LABEL
 from lsanet_jax.federated.config import FederatedConfig
 from lsanet_jax.federated.hospitals import Hospitals, split_hospitals
 from lsanet_jax.federated.keys import keyed_lsanet, load_or_create_key
@@ -43,9 +45,12 @@ __all__ = ["build_algorithm", "hospital_clients", "round_lr_factor", "train_and_
 
 
 def round_lr_factor(rounds: int):
-  """Central training's step schedule over rounds: x0.1 after half and after three quarters of the rounds."""
+  """Central training's step schedule over rounds: x0.1 after half and after three quarters of the rounds, a drop
+  that falls on round 0 skipped (as ``lsanet_jax.train.learning_rate_schedule`` skips one at epoch 0)."""
+  milestones = [m for m in (int(0.5 * rounds), int(0.75 * rounds)) if m > 0]
+
   def factor(r):
-    return jnp.where(r >= int(0.75 * rounds), 0.01, jnp.where(r >= int(0.5 * rounds), 0.1, 1.0))
+    return jnp.prod(jnp.asarray([jnp.where(r >= m, 0.1, 1.0) for m in milestones] or [1.0]))
   return factor
 
 
@@ -126,7 +131,7 @@ def build_run(config: FederatedConfig, workdir: pathlib.Path, resume: bool) -> _
   else:
     variables = central.init_variables(model, image_shape, central.init_key(config.seed))
   algorithm = build_algorithm(config, model, data.task, variables)
-  site_local = batch_norm_site_local(variables) if config.batch_norm == "fedbn" else None
+  site_local = algorithm.spec.site_local
   state = algorithm.init(variables, jax.random.fold_in(jax.random.key(config.seed), 2),
                          num_clients=len(hospitals.rows))
   on_device = central.evaluation_data(data, config.eval_batch_size)
@@ -154,7 +159,8 @@ def train_and_evaluate(config: FederatedConfig, workdir, *, variant: str | None 
   run = build_run(config, workdir, resume)
   coords = None if run.key is None else jnp.asarray(run.key.coords, jnp.float32)
   fingerprint, defaults = resume_fingerprint(config)
-  run_dir = RunDir(workdir, config.checkpoint_every, config.keep_checkpoints, fingerprint, defaults, resume)
+  run_dir = RunDir(workdir, config.checkpoint_every, config.keep_checkpoints, fingerprint, defaults, resume,
+                   learning_rate_flag="--lr")
   head, num_hospitals = config.selection_head, len(run.hospitals.rows)
   first_round = [None]
 
@@ -204,7 +210,7 @@ def run_summary(config: FederatedConfig, data, hospitals: Hospitals, result: Rou
                  key=lambda r: (r[f"val_auc_{config.selection_head}"], r["round"]), default=result.history[-1])
   round_times = [r["round_time_s"] for r in result.history[1:] if "round_time_s" in r]
   labels = lambda rows: np.bincount(data.train_labels[rows][:, 0], minlength=data.n_classes).tolist() \
-      if data.task != "multi-label, binary-class" else None
+      if data.task != MULTI_LABEL else None
   return {
       "dataset": config.flag or data.flag, "task": data.task, "data_source": data.source,
       "data": {"kind": data.source_kind, "n_classes": data.n_classes, "image_shape": list(data.train_images.shape[1:]),
