@@ -164,7 +164,7 @@ def test_lsanet_train_divergence_is_one_line(workdir, monkeypatch, capsys, where
   def epoch(state, images, labels, key):
     return state, {"loss": np.float32("nan" if where == "loss" else 1.0)}
 
-  def predict(variables, images, first_batch, num_batches):
+  def predict(variables, images, first_batch, num_batches, key_coords=None):
     return {"main": np.full((images.shape[0], 10), np.nan, np.float32)}
 
   # A stand-in state and functions skip the model's compilation.
