@@ -93,6 +93,18 @@ def median_rate(times: Sequence[float], unit: str = "round") -> dict[str, Any]:
   return {f"seconds_per_{unit}": seconds, f"{unit}s_per_s": 1.0 / seconds, "times_s": list(times)}
 
 
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+  """Median seconds of ``repeats`` calls of ``fn`` (each waited for with ``jax.block_until_ready``), after one
+  untimed call that compiles it."""
+  jax.block_until_ready(fn())
+  seconds = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    seconds.append(time.perf_counter() - start)
+  return statistics.median(seconds)
+
+
 def repeat_within_budget(run: Callable[[], Any], *, max_repeats: int, budget_s: float,
                          min_repeats: int = 1) -> list[float]:
   """Seconds of each call of ``run``: ``min_repeats`` calls, then more until ``max_repeats`` or until

@@ -19,16 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
 import sys
-import time
 
-import jax
 import numpy as np
 import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from harness import environment, get_logger  # noqa: E402
+from harness import environment, get_logger, median_seconds  # noqa: E402
 
 from lsanet_jax import train  # noqa: E402
 from lsanet_jax.config import TrainConfig  # noqa: E402
@@ -45,16 +42,6 @@ def synthetic_pathmnist(scale: float, seed: int = 0) -> MedMNISTData:
     arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28, 3), dtype=np.uint8)
     arrays[f"{split}_labels"] = (np.arange(n) % info["n_classes"]).astype(np.int32)[:, None]
   return MedMNISTData(flag="pathmnist (synthetic)", task=info["task"], n_classes=info["n_classes"], **arrays)
-
-
-def timed(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())  # compiles
-  seconds = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    seconds.append(time.perf_counter() - start)
-  return statistics.median(seconds)
 
 
 def measure(config: TrainConfig, data: MedMNISTData, repeats: int) -> dict:
@@ -78,9 +65,9 @@ def measure(config: TrainConfig, data: MedMNISTData, repeats: int) -> dict:
 
   log.info("training set %d images (%d steps), val %d, test %d", len(rows), steps, data.val_images.shape[0],
            data.test_images.shape[0])
-  train_s = timed(one_epoch, repeats)
+  train_s = median_seconds(one_epoch, repeats)
   log.info("epoch %.3f s", train_s)
-  val_s, test_s = timed(one_pass("val"), repeats), timed(one_pass("test"), repeats)
+  val_s, test_s = median_seconds(one_pass("val"), repeats), median_seconds(one_pass("test"), repeats)
   log.info("validation %.3f s, test %.3f s", val_s, test_s)
   every = config.validation_interval(len(rows), data.val_images.shape[0], data.test_images.shape[0])
   validations = len([e for e in range(1, config.epochs + 1) if e == config.epochs or e % every == 0])

@@ -24,9 +24,7 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +32,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from harness import environment, error_string, get_logger  # noqa: E402
+from harness import environment, error_string, get_logger, median_seconds  # noqa: E402
 
 from infl_jax.federated import client_update, stack_clients  # noqa: E402
 from infl_jax.federated.engine import round_keys  # noqa: E402
@@ -54,16 +52,6 @@ def hospitals(count: int, images: int, seed: int = 0):
                          "labels": rng.integers(0, 9, (images, 1)).astype(np.int32)} for _ in range(count)])
 
 
-def timed(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())  # compiles
-  seconds = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    seconds.append(time.perf_counter() - start)
-  return statistics.median(seconds)
-
-
 def measure(config: FederatedConfig, count: int, images: int, repeats: int) -> dict:
   model = central.build_model(config, 9)
   variables = central.init_variables(model, (28, 28, 3), central.init_key(0))
@@ -74,7 +62,7 @@ def measure(config: FederatedConfig, count: int, images: int, repeats: int) -> d
   clients = hospitals(count, images)
   round_fn = jax.jit(algorithm.round)
   out = {"hospitals": count, "images_per_hospital": images}
-  out["vmap_s"] = timed(lambda: round_fn(state, clients, None), repeats)
+  out["vmap_s"] = median_seconds(lambda: round_fn(state, clients, None), repeats)
 
   # The loop: the engine's own local training per hospital (the task, optimizer and local settings
   # build_algorithm gives the round), summed on device.
@@ -95,10 +83,10 @@ def measure(config: FederatedConfig, count: int, images: int, repeats: int) -> d
       total = add(total, params, state.params, 1.0 / count)
     return total
 
-  out["jit_loop_s"] = timed(loop, repeats)
+  out["jit_loop_s"] = median_seconds(loop, repeats)
   # What lsanet-federated runs on CPU: the same round with each hospital's steps driven from Python.
   stepped = host_round(algorithm)
-  out["host_round_s"] = timed(lambda: stepped(state, clients, None), repeats)
+  out["host_round_s"] = median_seconds(lambda: stepped(state, clients, None), repeats)
   out["vmap_hospitals_per_s"] = count / out["vmap_s"]
   out["vmap_speedup_over_loop"] = out["jit_loop_s"] / out["vmap_s"]
   out["vmap_speedup_over_host_round"] = out["host_round_s"] / out["vmap_s"]

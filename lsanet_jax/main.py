@@ -28,31 +28,38 @@ from lsanet_jax.data.medmnist import INFO
 from lsanet_jax.data.own_data import TASKS as OWN_TASKS
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = ArgumentParser(
-      prog="lsanet-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_arguments(parser: argparse.ArgumentParser, config_cls, unit: str) -> dict:
+  """The options lsanet-train and lsanet-federated share: config_cls's settings, --variant, --workdir, --resume,
+  --stop-after-<unit>s and --compile-cache. Returns the --help groups."""
   # --task lists the tasks only; its empty default (infer from the labels) is no value to type.
-  groups = add_config_arguments(parser, TrainConfig, choices={"task": list(OWN_TASKS)})
-  groups["data"].add_argument("--download", action="store_true",
-                              help="fetch the npz from Zenodo (MD5-verified) if it is not in --root")
-  groups["data"].add_argument("--download-url-template", default=None,
-                              help="mirror URL with a {filename} placeholder (default: the Zenodo record)")
+  groups = add_config_arguments(parser, config_cls, choices={"task": list(OWN_TASKS)})
   groups["model"].add_argument("--variant", default="lsanet", choices=list(VARIANTS),
                                help="ablation rung: plain backbone, + deep supervision (ds), + LSA, + synergy "
                                     "(default: lsanet)")
   groups["run"].add_argument("--workdir", required=True, help="folder for metrics, summary, plots, checkpoints")
   groups["run"].add_argument("--resume", action="store_true", help="continue the run in --workdir")
-  groups["run"].add_argument("--stop-after-epochs", type=int, default=None,
-                             help="stop (checkpointed) after this many epochs of this invocation; --resume later "
-                             "(default: all epochs)")
+  groups["run"].add_argument(f"--stop-after-{unit}s", type=int, default=None,
+                             help=f"stop (checkpointed) after this many {unit}s of this invocation; --resume later "
+                             f"(default: all {unit}s)")
   add_compile_cache_argument(groups["run"])
+  return groups
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = ArgumentParser(
+      prog="lsanet-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  groups = add_run_arguments(parser, TrainConfig, "epoch")
+  groups["data"].add_argument("--download", action="store_true",
+                              help="fetch the npz from Zenodo (MD5-verified) if it is not in --root")
+  groups["data"].add_argument("--download-url-template", default=None,
+                              help="mirror URL with a {filename} placeholder (default: the Zenodo record)")
   return parser
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def config_from_args(args: argparse.Namespace, config_cls=TrainConfig) -> TrainConfig:
   """The --variant preset with the settings given on the command line, validated."""
   try:
-    config = TrainConfig.for_variant(args.variant, **set_fields(TrainConfig, args))
+    config = config_cls.for_variant(args.variant, **set_fields(config_cls, args))
     config.validate()
   except ValueError as e:
     raise UserInputError(str(e)) from None

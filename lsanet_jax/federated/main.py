@@ -16,46 +16,25 @@ from __future__ import annotations
 import argparse
 import sys
 
-from runkit.cli import (ArgumentParser, add_compile_cache_argument, enable_compilation_cache, locked_run,
-                        prepare_workdir, run_cli)
-from runkit.config import add_config_arguments, set_fields
+from runkit.cli import ArgumentParser, enable_compilation_cache, locked_run, prepare_workdir, run_cli
 from runkit.errors import UserInputError
 
-from lsanet_jax.config import VARIANTS
-from lsanet_jax.data.own_data import TASKS as OWN_TASKS
 from lsanet_jax.federated import train
 from lsanet_jax.federated.config import FederatedConfig
+from lsanet_jax.main import add_run_arguments, config_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = ArgumentParser(prog="lsanet-federated", description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
-  groups = add_config_arguments(parser, FederatedConfig, choices={"task": list(OWN_TASKS)})
-  groups["model"].add_argument("--variant", default="lsanet", choices=list(VARIANTS),
-                               help="ablation rung: plain backbone, + deep supervision (ds), + LSA, + synergy "
-                                    "(default: lsanet)")
-  groups["run"].add_argument("--workdir", required=True, help="folder for metrics, summary, plots, checkpoints")
-  groups["run"].add_argument("--resume", action="store_true", help="continue the run in --workdir")
-  groups["run"].add_argument("--stop-after-rounds", type=int, default=None,
-                             help="stop (checkpointed) after this many rounds of this invocation; --resume later "
-                             "(default: all rounds)")
-  add_compile_cache_argument(groups["run"])
+  add_run_arguments(parser, FederatedConfig, "round")
   return parser
-
-
-def config_from_args(args: argparse.Namespace) -> FederatedConfig:
-  try:
-    config = FederatedConfig.for_variant(args.variant, **set_fields(FederatedConfig, args))
-    config.validate()
-  except ValueError as e:
-    raise UserInputError(str(e)) from None
-  return config
 
 
 def run(argv=None) -> dict | None:
   """The whole command; returns the summary (None when stopped early by --stop-after-rounds)."""
   args = build_parser().parse_args(argv)
-  config = config_from_args(args)
+  config = config_from_args(args, FederatedConfig)
   if args.stop_after_rounds is not None and args.stop_after_rounds < 1:
     raise UserInputError("--stop-after-rounds must be at least 1")
   workdir = prepare_workdir(args.workdir, resume=args.resume, create=False)
