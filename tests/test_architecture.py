@@ -28,7 +28,7 @@ LAYERS = {
     "lsanet_jax.main": 5, "lsanet_jax.federated.main": 5,
 }
 # docs/design.md, "Federated LSANet": the one crossing between the methods. lsanet_jax.federated runs on INFL's
-# method-agnostic engine and partitions; nothing else of either package imports the other.
+# method-agnostic engine, partitions and keys; nothing else of either package imports the other.
 CROSSING = ("lsanet_jax.federated", ("infl_jax.federated.engine", "infl_jax.federated.loop",
                                      "infl_jax.federated.client_data", "infl_jax.federated.task",
                                      "infl_jax.federated.site_local", "infl_jax.federated.host_round",
